@@ -1,0 +1,28 @@
+"""Deep homography estimation: Beam dataset builder (pipeline/) and HomographyNet training (model/).
+
+Also usable as Dataflow's --setup_file: workers install the same pinned stack.
+"""
+import setuptools
+
+REQUIRED = [
+    "tensorflow==2.21.*",
+    "apache-beam[gcp]==2.77.*",
+    "google-crc32c",
+    "opencv-python-headless==5.0.*",
+    "numpy<2.5",
+    "protobuf>=6,<7",
+    "pycocotools",
+    "absl-py",
+    "matplotlib",
+    "scikit-image",
+]
+
+setuptools.setup(
+    name="deep-homography",
+    version="0.1.0",
+    description="COCO -> sharded TFRecord homography pairs (Apache Beam) and HomographyNet training (tf.data + Keras)",
+    python_requires=">=3.10,<3.13",
+    packages=setuptools.find_packages(include=["pipeline", "pipeline.*", "model", "model.*", "data", "data.*", "bench", "bench.*"]),
+    install_requires=REQUIRED,
+    extras_require={"test": ["pytest", "pytest-xdist"]},
+)
