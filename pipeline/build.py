@@ -1,0 +1,201 @@
+"""Builds the homography dataset from COCO 2017 with Apache Beam (DirectRunner locally, Dataflow at scale).
+
+  python -m pipeline.build --coco_dir=DIR --output_dir=OUT [--splits=train=train2017,validation=val2017]
+                           [--rho=32 --patch_size=128 --patches_per_image=10 --seed=0 ...]
+                           [any Beam flag: --runner, --direct_num_workers, --project, --setup_file ...]
+"""
+from __future__ import annotations
+
+import math
+import sys
+import time
+
+import apache_beam as beam
+from absl import app, flags, logging
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions, TestOptions
+
+from pipeline import coco, dataset_info, schema, transforms
+from pipeline.geometry import PairConfig
+
+DEFAULT_SPLITS = "train=train2017,validation=val2017"
+TARGET_SHARD_BYTES = 64 << 20  # ~64 MiB a shard: enough files to interleave, few enough to list
+MIN_SHARDS = 8
+
+
+class BuildError(ValueError):
+    """A build that must not start; the message names the problem."""
+
+
+def parse_splits(text: str) -> dict:
+    """'train=train2017,validation=val2017' -> {'train': 'train2017', 'validation': 'val2017'}."""
+    splits = {}
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        name, sep, source = item.partition("=")
+        if not sep or not name.strip() or not source.strip():
+            raise BuildError(f"--splits item '{item}' is not NAME=COCO_SPLIT (e.g. train=train2017)")
+        if name.strip() in splits:
+            raise BuildError(f"--splits names split '{name.strip()}' twice")
+        splits[name.strip()] = source.strip()
+    if not splits:
+        raise BuildError("--splits is empty")
+    return splits
+
+
+def auto_num_shards(num_images: int, config: PairConfig) -> int:
+    record_bytes = 2 * config.patch_size ** 2 * config.channels + 200
+    total = num_images * config.patches_per_image * record_bytes
+    return max(1, min(num_images, max(MIN_SHARDS, math.ceil(total / TARGET_SHARD_BYTES))))
+
+
+_OUR_FILES = ("*.tfrecord-*-of-*", "failed_images-*.jsonl", schema.DATASET_INFO + "*")
+
+
+def prepare_output_dir(output_dir: str, overwrite: bool) -> None:
+    """Refuses a non-empty output_dir unless overwrite; then removes the old index first, our files next."""
+    existing = FileSystems.match([dataset_info.join(output_dir, "*")])[0].metadata_list \
+        if FileSystems.exists(output_dir) else []
+    if existing and not overwrite:
+        names = ", ".join(sorted(m.path.rsplit("/", 1)[-1] for m in existing)[:5])
+        raise BuildError(f"output_dir {output_dir} is not empty ({len(existing)} files: {names}...); "
+                         f"pass --overwrite to replace the dataset there")
+    if existing:
+        # dataset_info.json goes first: from here on nothing claims a complete dataset.
+        for pattern in _OUR_FILES[::-1]:
+            paths = [m.path for m in FileSystems.match([dataset_info.join(output_dir, pattern)])[0].metadata_list]
+            if paths:
+                FileSystems.delete(paths)
+    if "://" not in output_dir:
+        FileSystems.mkdirs(output_dir) if not FileSystems.exists(output_dir) else None
+
+
+def build(coco_dir: str, output_dir: str, splits: dict, config: PairConfig, *, num_shards: int = 0,
+          max_images: int = 0, overwrite: bool = False, name: str = "homography", reduced_decode: bool = True,
+          beam_args: list | None = None) -> dict:
+    """Builds every split in one pipeline; returns the summary (dataset_info.json's content, or the dry run's)."""
+    try:
+        config.validate()
+    except ValueError as e:
+        raise BuildError(str(e)) from e
+    if num_shards < 0 or max_images < 0:
+        raise BuildError("--num_shards and --max_images must be >= 0")
+    listings = {}
+    for split, source_split in splits.items():
+        try:
+            records, source = coco.list_split(coco_dir, source_split)
+        except coco.ListingError as e:
+            raise BuildError(str(e)) from e
+        listings[split] = (records[:max_images] if max_images else records, source, source_split)
+        logging.info("split %s: %d images from %s", split, len(listings[split][0]), source)
+
+    options = PipelineOptions(beam_args or [])
+    if not options.view_as(StandardOptions).runner:
+        options.view_as(StandardOptions).runner = "DirectRunner"  # Prism would try to download itself
+    dry_run = options.view_as(TestOptions).dry_run
+    if not dry_run:
+        prepare_output_dir(output_dir, overwrite)
+
+    started = time.time()
+    header = {"name": name, "format_version": dataset_info.FORMAT_VERSION,
+              "config": {k: getattr(config, k) for k in ("patch_size", "rho", "image_width", "image_height",
+                                                            "channels", "patches_per_image", "seed")},
+              "build": {"runner": str(options.view_as(StandardOptions).runner), "argv": sys.argv,
+                        "reduced_decode": reduced_decode,
+                        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}}
+    pipeline = beam.Pipeline(options=options)
+    summaries = []
+    for split, (records, source, source_split) in listings.items():
+        n = num_shards or auto_num_shards(len(records), config)
+        written = (pipeline
+                   | f"{split}/ListImages" >> transforms.ListedImages(records, n)
+                   | f"{split}/GroupByShard" >> transforms.GroupByShard()
+                   | f"{split}/WriteShards" >> transforms.WriteShards(output_dir, name, split, n, config, reduced_decode))
+        summaries.append(written.shards | f"{split}/Finalize" >> transforms.FinalizeSplit(
+            written.failed, output_dir=output_dir, name=name, split=split, source_split=source_split,
+            source=source, images_listed=len(records), num_shards=n))
+    (summaries | "AllSplits" >> beam.Flatten()
+     | "WriteDatasetInfo" >> transforms.WriteDatasetInfo(output_dir, header))
+
+    result = pipeline.run()
+    if dry_run:
+        return {"dry_run": True, "job": getattr(result, "job", None), "pipeline": pipeline}
+    result.wait_until_finish()
+    info = dataset_info.read(output_dir).raw
+    info["build"]["seconds"] = round(time.time() - started, 1)
+    info["build"]["metrics"] = _counters(result)
+    dataset_info.write(output_dir, info)
+    return info
+
+
+def _counters(result) -> dict:
+    try:
+        from apache_beam.metrics.metric import MetricsFilter
+        counters = result.metrics().query(MetricsFilter().with_namespace(transforms.NAMESPACE))["counters"]
+        return {c.key.metric.name: c.committed for c in sorted(counters, key=lambda c: c.key.metric.name)}
+    except Exception as e:  # metrics are a convenience; some runners do not report them
+        logging.warning("could not read Beam metrics: %s", e)
+        return {}
+
+
+def summary_text(info: dict, output_dir: str) -> str:
+    c = info["config"]
+    lines = [f"dataset '{info['name']}' in {output_dir}",
+             f"  config: {c['image_width']}x{c['image_height']}x{c['channels']}, patch {c['patch_size']}, "
+             f"rho {c['rho']}, {c['patches_per_image']} pairs/image, seed {c['seed']}"]
+    for split, s in info["splits"].items():
+        failed = f" ({', '.join(f'{k}: {v}' for k, v in s['failed_by_reason'].items())})" if s["images_failed"] else ""
+        lines.append(f"  {split:<11} from {s['source_split']}: {s['num_examples']} pairs in {len(s['shards'])} shards; "
+                     f"images listed {s['images_listed']}, used {s['images_used']}, failed {s['images_failed']}{failed}")
+    if "seconds" in info.get("build", {}):
+        total = sum(s["num_examples"] for s in info["splits"].values())
+        lines.append(f"  built in {info['build']['seconds']} s ({total / max(info['build']['seconds'], 1e-9):.0f} pairs/s) "
+                     f"with {info['build']['runner']}")
+    lines.append(f"  index: {dataset_info.join(output_dir, schema.DATASET_INFO)}")
+    return "\n".join(lines)
+
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("coco_dir", None, "COCO 2017 root (images in <split>/, annotations/ beside); local or gs://")
+flags.DEFINE_string("output_dir", None, "Where the shards, failed_images-*.jsonl and dataset_info.json go")
+flags.DEFINE_string("splits", DEFAULT_SPLITS, "Comma list of OUTPUT_SPLIT=COCO_SPLIT")
+flags.DEFINE_integer("rho", 32, "Maximum corner perturbation in pixels")
+flags.DEFINE_integer("patch_size", 128, "Patch side P in pixels")
+flags.DEFINE_integer("image_width", 320, "Width the images are resized to")
+flags.DEFINE_integer("image_height", 240, "Height the images are resized to")
+flags.DEFINE_integer("patches_per_image", 10, "Pairs generated per image")
+flags.DEFINE_integer("seed", 0, "Seed; each image's draws come from (seed, split, image id)")
+flags.DEFINE_integer("max_images", 0, "Use only the first N images (by id) of each split; 0 = all")
+flags.DEFINE_integer("num_shards", 0, "Shards per split; 0 = automatic (~64 MiB each, at least 8)")
+flags.DEFINE_bool("color", False, "3-channel (BGR) patches instead of grayscale")
+flags.DEFINE_string("dataset_name", "homography", "Prefix of the shard files")
+flags.DEFINE_bool("overwrite", False, "Replace a dataset already in output_dir")
+flags.DEFINE_bool("reduced_decode", True, "Decode large JPEGs at 1/2, 1/4 or 1/8 size (needs sizes from the annotations)")
+
+
+def main(argv):
+    if not FLAGS.coco_dir or not FLAGS.output_dir:
+        raise app.UsageError("--coco_dir and --output_dir are required")
+    config = PairConfig(patch_size=FLAGS.patch_size, rho=FLAGS.rho, image_width=FLAGS.image_width,
+                        image_height=FLAGS.image_height, channels=3 if FLAGS.color else 1,
+                        patches_per_image=FLAGS.patches_per_image, seed=FLAGS.seed)
+    try:
+        info = build(FLAGS.coco_dir, FLAGS.output_dir, parse_splits(FLAGS.splits), config,
+                     num_shards=FLAGS.num_shards, max_images=FLAGS.max_images, overwrite=FLAGS.overwrite,
+                     name=FLAGS.dataset_name, reduced_decode=FLAGS.reduced_decode, beam_args=argv[1:])
+    except (BuildError, dataset_info.DatasetError) as e:
+        print(f"pipeline.build: error: {e}", file=sys.stderr)
+        return 2
+    if info.get("dry_run"):
+        print("dry run: job graph built, nothing submitted")
+        return 0
+    print(summary_text(info, FLAGS.output_dir))
+    return 0
+
+
+def run():
+    # absl parses its own flags and leaves the rest (--runner, --project, ...) to Beam.
+    app.run(main, flags_parser=lambda argv: FLAGS(argv, known_only=True))
+
+
+if __name__ == "__main__":
+    run()

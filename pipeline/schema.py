@@ -1,0 +1,87 @@
+"""The record schema of DESIGN.md: the one module the builder writes with and every reader parses with.
+
+One tf.train.Example per pair:
+  patch_a, patch_b : bytes, raw uint8 P*P*C, row-major (H, W, C)
+  offsets          : float32 x 8, (dx, dy) for TL, TR, BR, BL, pixels
+  corners          : float32 x 8, patch A corners in the resized image
+  image_id         : int64, COCO image id
+  patch_index      : int64, 0 .. patches_per_image - 1
+"""
+from __future__ import annotations
+
+import numpy as np
+import tensorflow as tf
+
+PATCH_A = "patch_a"
+PATCH_B = "patch_b"
+OFFSETS = "offsets"
+CORNERS = "corners"
+IMAGE_ID = "image_id"
+PATCH_INDEX = "patch_index"
+
+DATASET_INFO = "dataset_info.json"
+
+
+def shard_prefix(name: str, split: str) -> str:
+    """TFDS-style shard names: <name>-<split>.tfrecord-00000-of-000NN."""
+    return f"{name}-{split}.tfrecord"
+
+
+def failed_images_file(split: str) -> str:
+    return f"failed_images-{split}.jsonl"
+
+
+def feature_spec() -> dict:
+    """tf.io parsing spec of one record."""
+    return {
+        PATCH_A: tf.io.FixedLenFeature([], tf.string),
+        PATCH_B: tf.io.FixedLenFeature([], tf.string),
+        OFFSETS: tf.io.FixedLenFeature([8], tf.float32),
+        CORNERS: tf.io.FixedLenFeature([8], tf.float32),
+        IMAGE_ID: tf.io.FixedLenFeature([], tf.int64),
+        PATCH_INDEX: tf.io.FixedLenFeature([], tf.int64),
+    }
+
+
+def encode(patch_a: np.ndarray, patch_b: np.ndarray, offsets: np.ndarray, corners: np.ndarray,
+           image_id: int, patch_index: int) -> bytes:
+    """Serialises one pair; patches are (P, P, C) uint8."""
+    if patch_a.dtype != np.uint8 or patch_b.dtype != np.uint8 or patch_a.shape != patch_b.shape:
+        raise ValueError(f"patches must be uint8 of one shape, got {patch_a.dtype}{patch_a.shape} "
+                         f"and {patch_b.dtype}{patch_b.shape}")
+    feature = tf.train.Feature
+    example = tf.train.Example(features=tf.train.Features(feature={
+        PATCH_A: feature(bytes_list=tf.train.BytesList(value=[np.ascontiguousarray(patch_a).tobytes()])),
+        PATCH_B: feature(bytes_list=tf.train.BytesList(value=[np.ascontiguousarray(patch_b).tobytes()])),
+        OFFSETS: feature(float_list=tf.train.FloatList(value=np.asarray(offsets, np.float32).reshape(8).tolist())),
+        CORNERS: feature(float_list=tf.train.FloatList(value=np.asarray(corners, np.float32).reshape(8).tolist())),
+        IMAGE_ID: feature(int64_list=tf.train.Int64List(value=[int(image_id)])),
+        PATCH_INDEX: feature(int64_list=tf.train.Int64List(value=[int(patch_index)])),
+    }))
+    return example.SerializeToString()
+
+
+def decode(serialized: bytes, patch_size: int, channels: int) -> dict:
+    """Parses one record in plain numpy (audits, tests, tools); tf.data readers use feature_spec()."""
+    f = tf.train.Example.FromString(serialized).features.feature
+    shape = (patch_size, patch_size, channels)
+    return {
+        PATCH_A: np.frombuffer(f[PATCH_A].bytes_list.value[0], np.uint8).reshape(shape),
+        PATCH_B: np.frombuffer(f[PATCH_B].bytes_list.value[0], np.uint8).reshape(shape),
+        OFFSETS: np.asarray(f[OFFSETS].float_list.value, np.float32),
+        CORNERS: np.asarray(f[CORNERS].float_list.value, np.float32),
+        IMAGE_ID: int(f[IMAGE_ID].int64_list.value[0]),
+        PATCH_INDEX: int(f[PATCH_INDEX].int64_list.value[0]),
+    }
+
+
+def parse_batch(serialized: tf.Tensor, patch_size: int, channels: int) -> dict:
+    """Parses a batch of serialized records at once (tf.io.parse_example) and decodes the raw bytes.
+
+    Returns uint8 patches of shape (N, P, P, C) and float32 offsets/corners (N, 8).
+    """
+    parsed = tf.io.parse_example(serialized, feature_spec())
+    shape = [-1, patch_size, patch_size, channels]
+    parsed[PATCH_A] = tf.reshape(tf.io.decode_raw(parsed[PATCH_A], tf.uint8), shape)
+    parsed[PATCH_B] = tf.reshape(tf.io.decode_raw(parsed[PATCH_B], tf.uint8), shape)
+    return parsed

@@ -1,0 +1,195 @@
+"""The Beam steps of the builder, each a named composite transform that can be tested alone.
+
+  ListedImages      (driver-side listing) -> PCollection[(shard, ImageRecord)]
+  GroupByShard      the fusion break: groups the small listing (never pair payloads) by shard
+  WriteShards       read + decode + resize + generate + serialise + write one shard per group;
+                    main output: shard results, tagged output 'failed': one dict per skipped image
+  FinalizeSplit     failed_images-<split>.jsonl + the split's summary (counts, shards)
+  WriteDatasetInfo  dataset_info.json, last, atomically
+
+Images are assigned to shards in the driver (round robin over the id-sorted listing) and each shard is
+written by one DoFn call from its id-sorted images, so shard files are identical byte for byte whatever
+the runner, the worker count or the bundle split, and no runner ever groups pair payloads in memory.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+
+import apache_beam as beam
+import cv2
+from apache_beam.metrics import Metrics
+
+from pipeline import coco, dataset_info, geometry, schema
+
+NAMESPACE = "homography"
+
+
+def shard_name(name: str, split: str, index: int, num_shards: int) -> str:
+    return f"{schema.shard_prefix(name, split)}-{index:05d}-of-{num_shards:05d}"
+
+
+def assign_shards(records: list, num_shards: int) -> list:
+    """Round robin over the id-sorted listing: balanced and independent of any runner."""
+    ordered = sorted(records, key=lambda r: r.image_id)
+    return [(i % num_shards, r) for i, r in enumerate(ordered)]
+
+
+class ListedImages(beam.PTransform):
+    """The driver's listing of one split as a PCollection keyed by shard; small (paths only)."""
+
+    def __init__(self, records: list, num_shards: int):
+        super().__init__()
+        self._keyed = assign_shards(records, num_shards)
+
+    def expand(self, pbegin):
+        return pbegin | "Create" >> beam.Create(self._keyed, reshuffle=False)
+
+
+class GroupByShard(beam.PTransform):
+    """Breaks fusion after the listing, so reading images spreads over workers by shard."""
+
+    def expand(self, pcoll):
+        return pcoll | "GroupByKey" >> beam.GroupByKey()
+
+
+class _WriteShardFn(beam.DoFn):
+    def __init__(self, output_dir: str, name: str, split: str, num_shards: int, config: geometry.PairConfig,
+                 reduced_decode: bool = True):
+        self._output_dir = output_dir
+        self._name = name
+        self._split = split
+        self._num_shards = num_shards
+        self._config = config
+        self._reduced_decode = reduced_decode
+        self._images_used = Metrics.counter(NAMESPACE, f"{split}_images_used")
+        self._pairs = Metrics.counter(NAMESPACE, f"{split}_pairs_written")
+        self._shards = Metrics.counter(NAMESPACE, f"{split}_shards_written")
+        self._seconds = Metrics.distribution(NAMESPACE, f"{split}_ms_per_image")
+
+    def setup(self):
+        cv2.setNumThreads(1)  # one image per core already; OpenCV's own threads only oversubscribe
+
+    def _failed(self, record, reason: str, detail: str):
+        Metrics.counter(NAMESPACE, f"{self._split}_images_failed_{reason}").inc()
+        return beam.pvalue.TaggedOutput("failed", {
+            "image_id": record.image_id, "path": record.path, "reason": reason, "detail": detail})
+
+    def process(self, element):
+        import tensorflow as tf  # heavy; imported on the worker only
+
+        shard, records = element
+        records = sorted(records, key=lambda r: r.image_id)
+        cfg = self._config
+        file_name = shard_name(self._name, self._split, shard, self._num_shards)
+        path = dataset_info.join(self._output_dir, file_name)
+        count = used = 0
+        t0 = time.time()
+        with tf.io.TFRecordWriter(path) as writer:
+            for record in records:
+                t_image = time.time()
+                try:
+                    data = coco.read_bytes(record.path)
+                    src = (record.width, record.height) if self._reduced_decode else (0, 0)
+                    image = coco.decode_resize(data, cfg.image_width, cfg.image_height, cfg.channels, src)
+                except coco.ImageError as e:
+                    yield self._failed(record, e.reason, e.detail)
+                    continue
+                except cv2.error as e:
+                    yield self._failed(record, "undecodable", f"OpenCV: {str(e).strip()[:200]}")
+                    continue
+                for pair in geometry.generate_pairs(image, cfg, self._split, record.image_id):
+                    writer.write(schema.encode(pair.patch_a, pair.patch_b, pair.offsets, pair.corners,
+                                               record.image_id, pair.patch_index))
+                    count += 1
+                used += 1
+                self._seconds.update(int(1000 * (time.time() - t_image)))
+        self._images_used.inc(used)
+        self._pairs.inc(count)
+        self._shards.inc()
+        logging.info("%s shard %d/%d: %d images, %d pairs in %.1fs -> %s", self._split, shard + 1,
+                     self._num_shards, used, count, time.time() - t0, file_name)
+        yield {"index": shard, "file": file_name, "num_examples": count, "images_used": used}
+
+
+class WriteShards(beam.PTransform):
+    """(shard, [ImageRecord]) -> shard results; tagged output 'failed' lists the skipped images."""
+
+    def __init__(self, output_dir, name, split, num_shards, config, reduced_decode=True):
+        super().__init__()
+        self._fn = _WriteShardFn(output_dir, name, split, num_shards, config, reduced_decode)
+
+    def expand(self, pcoll):
+        return pcoll | "GenerateAndWrite" >> beam.ParDo(self._fn).with_outputs("failed", main="shards")
+
+
+def _finalize_split(_, shards: list, failed: list, *, output_dir, name, split, source_split, source,
+                    images_listed, num_shards):
+    import tensorflow as tf
+
+    by_index = {s["index"]: s for s in shards}
+    for i in range(num_shards):  # a shard that got no images still exists, empty, so names stay i-of-N
+        if i not in by_index:
+            file_name = shard_name(name, split, i, num_shards)
+            tf.io.TFRecordWriter(dataset_info.join(output_dir, file_name)).close()
+            by_index[i] = {"index": i, "file": file_name, "num_examples": 0, "images_used": 0}
+    failed = sorted(failed, key=lambda f: f["image_id"])
+    failed_file = schema.failed_images_file(split)
+    with beam.io.filesystems.FileSystems.create(dataset_info.join(output_dir, failed_file)) as f:
+        f.write("".join(json.dumps(x, sort_keys=True) + "\n" for x in failed).encode("utf-8"))
+    reasons = {}
+    for x in failed:
+        reasons[x["reason"]] = reasons.get(x["reason"], 0) + 1
+    ordered = [by_index[i] for i in range(num_shards)]
+    return {split: {
+        "source_split": source_split,
+        "source": source,
+        "images_listed": images_listed,
+        "images_used": sum(s["images_used"] for s in ordered),
+        "images_failed": len(failed),
+        "failed_by_reason": dict(sorted(reasons.items())),
+        "num_examples": sum(s["num_examples"] for s in ordered),
+        "failed_images_file": failed_file,
+        "shards": [{"file": s["file"], "num_examples": s["num_examples"]} for s in ordered],
+    }}
+
+
+class FinalizeSplit(beam.PTransform):
+    """Waits for every shard of the split, writes failed_images-<split>.jsonl, emits the split summary."""
+
+    def __init__(self, failed, **kwargs):
+        super().__init__()
+        self._failed = failed
+        self._kwargs = kwargs
+
+    def expand(self, shards):
+        pbegin = shards.pipeline
+        return (pbegin
+                | "Once" >> beam.Create([None])
+                | "Summarize" >> beam.Map(_finalize_split, beam.pvalue.AsList(shards),
+                                          beam.pvalue.AsList(self._failed), **self._kwargs))
+
+
+def _write_info(_, summaries: list, *, output_dir, header):
+    raw = dict(header)
+    raw["splits"] = {}
+    for s in sorted(summaries, key=lambda d: list(d)[0]):
+        raw["splits"].update(s)
+    raw["build"] = dict(header["build"], finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    return dataset_info.write(output_dir, raw)
+
+
+class WriteDatasetInfo(beam.PTransform):
+    """Last step: dataset_info.json, written only after every split is complete."""
+
+    def __init__(self, output_dir: str, header: dict):
+        super().__init__()
+        self._output_dir = output_dir
+        self._header = header
+
+    def expand(self, summaries):
+        return (summaries.pipeline
+                | "Once" >> beam.Create([None])
+                | "Write" >> beam.Map(_write_info, beam.pvalue.AsList(summaries),
+                                      output_dir=self._output_dir, header=self._header))
