@@ -5,7 +5,9 @@ A split is listed from annotations/instances_<split>.json, else annotations/imag
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import json
 import os
 import re
@@ -51,7 +53,8 @@ def _load_coco_images(path: str) -> list:
     coco = COCO()
     coco.dataset = dataset
     try:
-        coco.createIndex()
+        with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress to stdout
+            coco.createIndex()
         images = coco.loadImgs(coco.getImgIds())
         for im in images:
             int(im["id"]), str(im["file_name"])

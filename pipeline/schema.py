@@ -58,7 +58,7 @@ def encode(patch_a: np.ndarray, patch_b: np.ndarray, offsets: np.ndarray, corner
         IMAGE_ID: feature(int64_list=tf.train.Int64List(value=[int(image_id)])),
         PATCH_INDEX: feature(int64_list=tf.train.Int64List(value=[int(patch_index)])),
     }))
-    return example.SerializeToString()
+    return example.SerializeToString(deterministic=True)  # map order fixed: same bytes in every process
 
 
 def decode(serialized: bytes, patch_size: int, channels: int) -> dict:

@@ -1,0 +1,226 @@
+"""The Beam builder end to end: counts, dataset_info.json, bad inputs, refusals, determinism, Dataflow graph."""
+import io
+import json
+import os
+import subprocess
+import sys
+
+import cv2
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from pipeline import dataset_info, schema
+from pipeline.build import BuildError, build, parse_splits
+from pipeline.geometry import PairConfig, homography_local
+from tests.conftest import REPO, make_coco_layout, textured_image
+
+DIRECT = ["--runner=DirectRunner"]
+
+
+def _records(path):
+    return [r.numpy() for r in tf.data.TFRecordDataset(path)]
+
+
+def _all_records(out):
+    info = dataset_info.read(out)
+    return {s: [r for f in info.split(s, allow_empty=True).shard_files for r in _records(f)] for s in info.splits}
+
+
+def test_end_to_end_counts_and_index_agree_with_files(synthetic_coco, tmp_path):
+    out = str(tmp_path / "ds")
+    info = build(synthetic_coco, out, parse_splits("train=train2017,validation=val2017"),
+                 PairConfig(patches_per_image=3), num_shards=4, beam_args=DIRECT)
+    assert info["config"]["patches_per_image"] == 3 and info["config"]["rho"] == 32
+    train, val = info["splits"]["train"], info["splits"]["validation"]
+    assert (train["images_listed"], train["images_used"], train["images_failed"], train["num_examples"]) == (6, 6, 0, 18)
+    assert (val["images_listed"], val["num_examples"]) == (3, 9)
+    assert [s["file"] for s in train["shards"]] == [f"homography-train.tfrecord-0000{i}-of-00004" for i in range(4)]
+    records = _all_records(out)
+    for split, s in info["splits"].items():
+        for shard in s["shards"]:
+            assert len(_records(os.path.join(out, shard["file"]))) == shard["num_examples"]
+        assert len(records[split]) == s["num_examples"]
+        assert open(os.path.join(out, f"failed_images-{split}.jsonl")).read() == ""
+    # Every image appears with patch indices 0..2, and its label reproduces its warp.
+    decoded = [schema.decode(r, 128, 1) for r in records["train"]]
+    by_image = {}
+    for d in decoded:
+        by_image.setdefault(d["image_id"], []).append(d["patch_index"])
+    assert {k: sorted(v) for k, v in by_image.items()} == {i: [0, 1, 2] for i in range(1, 7)}
+    for d in decoded[:6]:
+        assert np.abs(d["offsets"]).max() <= 32
+        h = homography_local(d["offsets"], 128)
+        warped = cv2.warpPerspective(d["patch_a"][..., 0], h, (128, 128), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP)
+        mask = cv2.warpPerspective(np.ones((128, 128), np.uint8), h, (128, 128), flags=cv2.INTER_NEAREST | cv2.WARP_INVERSE_MAP)
+        mask = cv2.erode(mask, np.ones((3, 3), np.uint8)) > 0
+        assert np.abs(warped.astype(float) - d["patch_b"][..., 0])[mask].mean() < 0.5
+
+
+def test_coco_mini_default_build(coco_mini, tmp_path):
+    """The issue's acceptance run: 178 x 10 train and 50 x 10 validation pairs."""
+    info = build(coco_mini, str(tmp_path / "ds"), parse_splits("train=train2017,validation=val2017"),
+                 PairConfig(), beam_args=DIRECT)
+    assert info["splits"]["train"]["num_examples"] == 1780
+    assert info["splits"]["validation"]["num_examples"] == 500
+    assert sum(s["num_examples"] for s in info["splits"]["train"]["shards"]) == 1780
+
+
+def _cmyk_jpeg(image):
+    from PIL import Image
+    buf = io.BytesIO()
+    Image.fromarray(cv2.cvtColor(image, cv2.COLOR_BGR2RGB)).convert("CMYK").save(buf, "JPEG")
+    return buf.getvalue()
+
+
+def test_bad_inputs_are_skipped_counted_and_listed(tmp_path):
+    rng = np.random.default_rng(3)
+    good = textured_image(rng)
+    jpeg = cv2.imencode(".jpg", good)[1].tobytes()
+    images = {
+        "000000000001.jpg": good,
+        "000000000002.png": textured_image(rng),                                   # PNG: used
+        "000000000003.jpg": cv2.cvtColor(textured_image(rng), cv2.COLOR_BGR2GRAY),  # grayscale JPEG: used
+        "000000000004.jpg": _cmyk_jpeg(textured_image(rng)),                      # CMYK JPEG: used
+        "000000000005.jpg": cv2.resize(textured_image(rng), (90, 60)),             # smaller than target: used
+        "000000000006.jpg": jpeg[: len(jpeg) // 2],                                # truncated
+        "000000000007.jpg": b"",                                                   # zero bytes
+        "000000000008.jpg": bytes(rng.integers(0, 256, 5000, dtype=np.uint8)),    # corrupt
+        "000000000009.jpg": b"this is a text file, not an image\n" * 20,          # not an image
+    }
+    root = tmp_path / "coco"
+    entries = make_coco_layout(root, "train2017", images)
+    entries.append({"id": 10, "file_name": "000000000010.jpg", "width": 640, "height": 480})  # missing file
+    with open(root / "annotations" / "instances_train2017.json", "w") as f:
+        json.dump({"images": entries, "annotations": [], "categories": []}, f)
+    out = str(tmp_path / "ds")
+    info = build(str(root), out, {"train": "train2017"}, PairConfig(patches_per_image=2), beam_args=DIRECT)
+    s = info["splits"]["train"]
+    assert (s["images_listed"], s["images_used"], s["images_failed"], s["num_examples"]) == (10, 5, 5, 10)
+    assert s["failed_by_reason"] == {"empty": 1, "missing": 1, "truncated": 1, "undecodable": 2}
+    failed = [json.loads(line) for line in open(os.path.join(out, "failed_images-train.jsonl"))]
+    assert [(f["image_id"], f["reason"]) for f in failed] == [
+        (6, "truncated"), (7, "empty"), (8, "undecodable"), (9, "undecodable"), (10, "missing")]
+    assert all(f["path"] and f["detail"] for f in failed)
+    ids = {schema.decode(r, 128, 1)["image_id"] for r in _all_records(out)["train"]}
+    assert ids == {1, 2, 3, 4, 5}
+
+
+@pytest.mark.parametrize("case, message", [
+    ("missing_dir", "does not exist"),
+    ("malformed_json", "malformed annotation file"),
+    ("no_images_list", "no 'images' list"),
+    ("empty_split", "has no images"),
+    ("rho_too_big", "cannot fit"),
+    ("bad_splits", "is not NAME=COCO_SPLIT"),
+])
+def test_bad_configuration_stops_before_the_job_starts(tmp_path, synthetic_coco, case, message):
+    coco, splits, config = synthetic_coco, "train=train2017", PairConfig()
+    root = tmp_path / "coco"
+    (root / "annotations").mkdir(parents=True)
+    if case == "missing_dir":
+        coco = str(tmp_path / "nope")
+    elif case == "malformed_json":
+        (root / "annotations" / "instances_train2017.json").write_text('{"images": [')
+        coco = str(root)
+    elif case == "no_images_list":
+        (root / "annotations" / "instances_train2017.json").write_text('{"annotations": []}')
+        coco = str(root)
+    elif case == "empty_split":
+        (root / "train2017").mkdir()
+        coco = str(root)
+    elif case == "rho_too_big":
+        config = PairConfig(rho=60)
+    out = tmp_path / "ds"
+    with pytest.raises(BuildError, match=message):
+        build(coco, str(out), parse_splits("train" if case == "bad_splits" else splits), config, beam_args=DIRECT)
+    assert not out.exists()
+
+
+def test_folder_listing_without_annotations(tmp_path):
+    rng = np.random.default_rng(5)
+    make_coco_layout(tmp_path, "test2017", {f"{i:012d}.jpg": textured_image(rng) for i in (3, 11)}, annotation=None)
+    info = build(str(tmp_path), str(tmp_path / "ds"), {"train": "test2017"}, PairConfig(patches_per_image=1),
+                 beam_args=DIRECT)
+    assert info["splits"]["train"]["num_examples"] == 2
+    assert "no annotation file" in info["splits"]["train"]["source"]
+
+
+def test_image_info_file_is_accepted_like_test2017(tmp_path):
+    rng = np.random.default_rng(6)
+    make_coco_layout(tmp_path, "test2017", {f"{i:012d}.jpg": textured_image(rng) for i in (5, 6, 7)},
+                     annotation="image_info")
+    info = build(str(tmp_path), str(tmp_path / "ds"), {"train": "test2017"}, PairConfig(patches_per_image=2),
+                 beam_args=DIRECT)
+    assert info["splits"]["train"]["num_examples"] == 6
+    assert info["splits"]["train"]["source"].endswith("image_info_test2017.json")
+
+
+def test_non_empty_output_dir_is_refused_unless_overwrite(synthetic_coco, tmp_path):
+    out = tmp_path / "ds"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    args = (synthetic_coco, str(out), {"validation": "val2017"}, PairConfig(patches_per_image=1))
+    with pytest.raises(BuildError, match="not empty"):
+        build(*args, beam_args=DIRECT)
+    info = build(*args, overwrite=True, beam_args=DIRECT)
+    assert info["splits"]["validation"]["num_examples"] == 3
+    assert (out / "notes.txt").read_text() == "mine"  # files that are not ours are left alone
+
+
+def test_a_build_that_dies_leaves_no_dataset_info(synthetic_coco, tmp_path, monkeypatch):
+    out = tmp_path / "ds"
+    args = (synthetic_coco, str(out), {"validation": "val2017"}, PairConfig(patches_per_image=1))
+    build(*args, beam_args=DIRECT)
+    assert (out / schema.DATASET_INFO).exists()
+
+    from pipeline import geometry
+
+    def explode(*a, **k):
+        raise RuntimeError("worker died")
+    monkeypatch.setattr(geometry, "generate_pairs", explode)
+    with pytest.raises(Exception, match="worker died"):
+        build(*args, overwrite=True, beam_args=DIRECT)
+    assert not (out / schema.DATASET_INFO).exists()
+
+
+def test_same_records_byte_for_byte_whatever_the_runner_mode(coco_mini, tmp_path):
+    kw = dict(splits={"train": "train2017"}, config=PairConfig(patches_per_image=2), max_images=24)
+    one = build(coco_mini, str(tmp_path / "one"), beam_args=DIRECT + ["--direct_num_workers=1"], **kw)
+    two = build(coco_mini, str(tmp_path / "two"),
+                beam_args=DIRECT + ["--direct_num_workers=2", "--direct_running_mode=multi_processing"], **kw)
+    assert one["splits"] == two["splits"]
+    for shard in one["splits"]["train"]["shards"]:
+        a = (tmp_path / "one" / shard["file"]).read_bytes()
+        assert a == (tmp_path / "two" / shard["file"]).read_bytes() and len(a) > 0
+    other_seed = build(coco_mini, str(tmp_path / "seed1"), beam_args=DIRECT,
+                       **dict(kw, config=PairConfig(patches_per_image=2, seed=1)))
+    assert sorted(_all_records(str(tmp_path / "seed1"))["train"]) != sorted(_all_records(str(tmp_path / "one"))["train"])
+    assert other_seed["splits"]["train"]["num_examples"] == 48
+
+
+def test_dataflow_job_graph_builds_offline(coco_mini):
+    result = build(coco_mini, "gs://dummy-bucket/out", parse_splits("train=train2017,validation=val2017"),
+                   PairConfig(), max_images=4, num_shards=16,
+                   beam_args=["--runner=DataflowRunner", "--dry_run=True", "--no_auth", "--project=dummy-project",
+                              "--region=us-central1", "--temp_location=gs://dummy-bucket/tmp",
+                              "--sdk_location=container"])
+    names = {t.unique_name for t in result["job"].proto_pipeline.components.transforms.values()}
+    for split in ("train", "validation"):
+        for step in ("ListImages", "GroupByShard/GroupByKey", "WriteShards/GenerateAndWrite", "Finalize/Summarize"):
+            assert f"{split}/{step}" in names
+    assert "WriteDatasetInfo/Write" in names
+    # The fusion break sits between the listing and the DoFn that reads the images.
+    assert result["job"].proto.type.name == "JOB_TYPE_BATCH"
+
+
+def test_cli_prints_a_clear_error_without_traceback(tmp_path):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    proc = subprocess.run([sys.executable, "-m", "pipeline.build", f"--coco_dir={tmp_path}/missing",
+                           f"--output_dir={tmp_path}/ds"], cwd=REPO, capture_output=True, text=True, env=env)
+    assert proc.returncode == 2
+    assert "pipeline.build: error: coco_dir" in proc.stderr and "does not exist" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "pipeline.build", "--output_dir=x"], cwd=REPO,
+                          capture_output=True, text=True, env=env)
+    assert proc.returncode != 0 and "--coco_dir and --output_dir are required" in proc.stderr
