@@ -1,0 +1,201 @@
+"""Audits a built dataset with Apache Beam (DirectRunner locally, Dataflow at scale): counts, label
+distributions, patch positions, image statistics, duplicates, leakage and, per pair, that the label
+really describes the warp (patch_B(v) = patch_A(H_local v)).
+
+  python -m pipeline.audit --data_dir=OUT --output_dir=REPORT [--residual_threshold=1.0]
+                           [--max_residual_share=0.001] [any Beam flag: --runner, --project, ...]
+
+Writes REPORT/audit.json, REPORT/audit.md and PNG plots. Exit status: 0 when every hard check passes
+(counts, ranges, margins, label consistency, leakage), 1 when one fails (named on stderr), 2 on bad
+usage (bad flags, no dataset_info.json).
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+import apache_beam as beam
+from absl import app, flags, logging
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+
+from pipeline import audit_report, audit_transforms as at, dataset_info, schema
+
+RAW_RESULTS = "audit_raw.json"  # the job's output; the driver turns it into audit.json, then removes it
+
+
+class AuditError(ValueError):
+    """An audit that cannot start; the message names the problem."""
+
+
+def shard_specs(info: dataset_info.DatasetInfo) -> list:
+    """One spec per shard named in dataset_info.json (the only way shards are found)."""
+    specs = []
+    for split in info.splits:
+        s = info.split(split, allow_empty=True)
+        for i, (path, count) in enumerate(zip(s.shard_files, s.shard_counts)):
+            specs.append({"split": split, "index": i, "file": s.raw["shards"][i]["file"], "path": path,
+                          "expected": count})
+    return specs
+
+
+def failed_image_ids(info: dataset_info.DatasetInfo) -> set:
+    """{(split, image_id)} from each split's failed_images-<split>.jsonl (small: skipped inputs only)."""
+    ids = set()
+    for split in info.splits:
+        path = dataset_info.join(info.data_dir, info.raw["splits"][split].get(
+            "failed_images_file", schema.failed_images_file(split)))
+        if not FileSystems.exists(path):
+            continue
+        with FileSystems.open(path) as f:
+            for line in f.read().decode("utf-8").splitlines():
+                if line.strip():
+                    ids.add((split, int(json.loads(line)["image_id"])))
+    return ids
+
+
+def _tag(section):
+    return lambda kv: (section, kv[0], kv[1])
+
+
+def _write_raw(sections: list, path: str) -> str:
+    with FileSystems.create(path) as f:
+        f.write(json.dumps(sections, default=audit_report._jsonable).encode("utf-8"))
+    return path
+
+
+def build_pipeline(pipeline, info: dataset_info.DatasetInfo, output_dir: str, residual_threshold: float):
+    """Adds the audit to pipeline; its last step writes output_dir/audit_raw.json."""
+    cfg = info.config
+    read = pipeline | "ReadShards" >> at.ReadShards(shard_specs(info), cfg)
+    pairs = read.records | "MeasurePairs" >> at.MeasurePairs(cfg)
+    per_image = pairs | "PairsPerImage" >> at.PairsPerImage(cfg.patches_per_image, failed_image_ids(info))
+    sections = [
+        read.shards | "TagShards" >> beam.Map(lambda s: ("shards", s["split"], s)),
+        pairs | "SplitStatistics" >> at.SplitStatistics(cfg, residual_threshold) | "TagStats" >> beam.Map(_tag("stats")),
+        pairs | "ResidualQuantiles" >> at.ResidualQuantiles() | "TagQuantiles" >> beam.Map(_tag("quantiles")),
+        per_image["report"] | "TagImages" >> beam.Map(_tag("images")),
+        per_image["images"] | "Leakage" >> at.Leakage() | "TagLeakage" >> beam.Map(lambda v: ("leakage", None, v)),
+        pairs | "Duplicates" >> at.Duplicates() | "TagDuplicates" >> beam.Map(lambda v: ("duplicates", None, v)),
+    ]
+    return (sections
+            | "AllSections" >> beam.Flatten()
+            | "Collect" >> beam.combiners.ToList()  # a few small dicts per split: safe to gather
+            | "WriteRaw" >> beam.Map(_write_raw, dataset_info.join(output_dir, RAW_RESULTS)))
+
+
+def regroup(sections: list) -> dict:
+    """[(section, split, value)] -> the results dict of audit_report."""
+    out = {"shards": {}, "stats": {}, "quantiles": {}, "images": {}, "leakage": None, "duplicates": None}
+    for section, split, value in sections:
+        if section == "shards":
+            out["shards"].setdefault(split, []).append(value)
+        elif split is None:
+            out[section] = value
+        else:
+            out[section][split] = value
+    return out
+
+
+def _metrics(result) -> dict:
+    try:
+        from apache_beam.metrics.metric import MetricsFilter
+        counters = result.metrics().query(MetricsFilter().with_namespace(at.NAMESPACE))["counters"]
+        return {c.key.metric.name: c.committed for c in sorted(counters, key=lambda c: c.key.metric.name)}
+    except Exception as e:  # a convenience; some runners do not report metrics
+        logging.warning("could not read Beam metrics: %s", e)
+        return {}
+
+
+def audit(data_dir: str, output_dir: str, *, residual_threshold: float = 1.0, max_residual_share: float = 0.001,
+          beam_args: list | None = None) -> dict:
+    """Runs the audit job, writes audit.json, audit.md and the plots; returns the report dict."""
+    if not residual_threshold > 0 or not 0 <= max_residual_share < 1:
+        raise AuditError(f"--residual_threshold must be > 0 (got {residual_threshold}) and --max_residual_share "
+                         f"in [0, 1) (got {max_residual_share})")
+    info = dataset_info.read(data_dir)
+    options = PipelineOptions(beam_args or [])
+    if not options.view_as(StandardOptions).runner:
+        options.view_as(StandardOptions).runner = "DirectRunner"  # Prism would try to download itself
+    if "://" not in output_dir and not FileSystems.exists(output_dir):
+        FileSystems.mkdirs(output_dir)
+    started = time.time()
+    pipeline = beam.Pipeline(options=options)
+    build_pipeline(pipeline, info, output_dir, residual_threshold)
+    result = pipeline.run()
+    result.wait_until_finish()
+    raw_path = dataset_info.join(output_dir, RAW_RESULTS)
+    with FileSystems.open(raw_path) as f:
+        results = regroup(json.loads(f.read().decode("utf-8")))
+    FileSystems.delete([raw_path])
+
+    checks = audit_report.evaluate(results, info, max_residual_share)
+    failed = audit_report.failed_hard(checks)
+    report = {
+        "data_dir": data_dir, "passed": not failed, "failed_hard_checks": failed,
+        "failed_soft_checks": [c["name"] for c in checks if not c["hard"] and not c["passed"]],
+        "seconds": round(time.time() - started, 1), "runner": str(options.view_as(StandardOptions).runner),
+        "params": {"residual_threshold": residual_threshold, "max_residual_share": max_residual_share},
+        "config": info.raw["config"], "checks": checks, "stats": results["stats"],
+        "residual_quantiles": results["quantiles"], "pairs_per_image": results["images"],
+        "shards": results["shards"], "leakage": results["leakage"], "duplicates": results["duplicates"],
+        "metrics": _metrics(result), "plots": {},
+    }
+    for split, stats in results["stats"].items():
+        report["plots"][split] = audit_report.plots(split, stats, info.config, output_dir)
+    audit_report.write_json(output_dir, "audit.json", report)
+    with FileSystems.create(dataset_info.join(output_dir, "audit.md")) as f:
+        f.write(audit_report.markdown(report).encode("utf-8"))
+    return report
+
+
+def summary_text(report: dict, output_dir: str) -> str:
+    lines = [f"audit of {report['data_dir']}: {'PASS' if report['passed'] else 'FAIL'} in {report['seconds']} s"]
+    for c in report["checks"]:
+        status = "ok  " if c["passed"] else ("FAIL" if c["hard"] else "warn")
+        lines.append(f"  {status} {c['name']}: {c['summary']}")
+    lines.append(f"  report: {dataset_info.join(output_dir, 'audit.md')}")
+    return "\n".join(lines)
+
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("data_dir", None, "A built dataset (holds dataset_info.json); local or gs://")
+flags.DEFINE_string("output_dir", None, "Where audit.json, audit.md and the plots go")
+flags.DEFINE_float("residual_threshold", 1.0,
+                   "A pair whose mean |warp(A, H_local) - B| exceeds this (grey levels) has a wrong label")
+flags.DEFINE_float("max_residual_share", 0.001, "Largest share of pairs above the threshold that still passes")
+
+
+def main(argv):
+    if not FLAGS.data_dir or not FLAGS.output_dir:
+        print("pipeline.audit: error: --data_dir and --output_dir are required", file=sys.stderr)
+        return 2
+    try:
+        report = audit(FLAGS.data_dir, FLAGS.output_dir, residual_threshold=FLAGS.residual_threshold,
+                       max_residual_share=FLAGS.max_residual_share, beam_args=argv[1:])
+    except (AuditError, dataset_info.DatasetError) as e:
+        print(f"pipeline.audit: error: {e}", file=sys.stderr)
+        return 2
+    print(summary_text(report, FLAGS.output_dir))
+    if not report["passed"]:
+        print(f"pipeline.audit: FAILED hard checks: {', '.join(report['failed_hard_checks'])}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _parse_flags(argv):
+    """absl takes its flags and leaves the rest (--runner, --project, ...) to Beam; bad values exit 2."""
+    try:
+        return FLAGS(argv, known_only=True)
+    except flags.Error as e:
+        print(f"pipeline.audit: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def run():
+    app.run(main, flags_parser=_parse_flags)
+
+
+if __name__ == "__main__":
+    run()
