@@ -1,0 +1,238 @@
+"""MACE evaluation of the network and the classical methods on a built split, with figures.
+
+  python -m model.evaluate --data_dir=OUT --split=validation [--model_dir=RUN] --output_dir=REPORT
+                           [--methods=identity,orb,sift,ecc,network] [--max_pairs=N] [--num_visualizations=6]
+
+Without --model_dir only the classical methods run. Pairs are streamed in the dataset's order (one
+deterministic pass through model.data.read_batches); only the predictions and the few pairs to draw are
+kept, so a split of any size fits in memory. Writes to output_dir (see model/report.py):
+mace_report.json, mace_report.md, mace_bar.png, mace_histograms.png, pair_<k>.png.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import time
+
+import numpy as np
+from absl import app, flags, logging
+
+from model import methods as methods_lib
+from model import report as report_lib
+from pipeline import geometry
+
+IDENTITY_MACE_PER_RHO = 0.765  # E|u - 0| over the square [-1, 1]^2: the identity's MACE is 0.765 * rho
+
+
+class EvaluationError(ValueError):
+    """An evaluation that cannot run; the message names the problem."""
+
+
+def default_methods(with_network: bool) -> list:
+    return list(methods_lib.DEFAULT_CLASSICAL) + (["network"] if with_network else [])
+
+
+def check_methods(names: list, with_network: bool) -> list:
+    unknown = [n for n in names if n not in methods_lib.ALL_METHODS]
+    if unknown:
+        raise EvaluationError(f"unknown method(s) {', '.join(unknown)}; known: {', '.join(methods_lib.ALL_METHODS)}")
+    if "network" in names and not with_network:
+        raise EvaluationError("method 'network' needs --model_dir (a training run)")
+    if not names or len(set(names)) != len(names):
+        raise EvaluationError(f"--methods must name each method once, got {','.join(names) or 'nothing'}")
+    return names
+
+
+def load_network(model_dir: str, patch_size: int, channels: int):
+    """(model, run config) of a training run whose input matches the dataset's patches."""
+    from model import network
+
+    if not os.path.isdir(model_dir):
+        raise EvaluationError(f"model_dir {model_dir} does not exist")
+    try:
+        model, run = network.load(model_dir)
+    except (FileNotFoundError, OSError, ValueError, KeyError) as e:
+        raise EvaluationError(f"cannot load a model from {model_dir}: {e}") from e
+    got = (int(run.get("patch_size", -1)), int(run.get("channels", -1)))
+    if got != (patch_size, channels):
+        raise EvaluationError(f"the model in {model_dir} takes {got[0]} px patches with {got[1]} channel(s), "
+                              f"the dataset has {patch_size} px with {channels}: evaluate it on a dataset built "
+                              f"with the same --patch_size and --color")
+    return model, run
+
+
+@dataclasses.dataclass
+class _Collected:
+    offsets: list = dataclasses.field(default_factory=list)  # (4, 2) per pair
+    ok: list = dataclasses.field(default_factory=list)
+    seconds: float = 0.0
+
+
+def _run_batch(batch: dict, names: list, collected: dict, model, model_rho: float) -> None:
+    a, b = batch["patch_a"], batch["patch_b"]
+    for name in names:
+        start = time.perf_counter()
+        if name == "network":
+            out = methods_lib.network_offsets(model, a, b, model_rho)
+            collected[name].offsets.extend(out)
+            collected[name].ok.extend([True] * len(out))
+        else:
+            for pa, pb in zip(a, b):
+                e = methods_lib.estimate(name, pa, pb)
+                collected[name].offsets.append(e.offsets)
+                collected[name].ok.append(e.ok)
+        collected[name].seconds += time.perf_counter() - start
+
+
+def summarise(errors: np.ndarray, ok: np.ndarray, seconds: float) -> dict:
+    """One method's row. Rounded once here: the JSON and the Markdown both print these values."""
+    n = len(errors)
+    return {"num_pairs": n,
+            "mean_mace": round(float(errors.mean()), 3),
+            "median_mace": round(float(np.median(errors)), 3),
+            "p90_mace": round(float(np.percentile(errors, 90)), 3),
+            "failure_rate": round(float(1.0 - ok.mean()), 4),
+            "failures": int(n - ok.sum()),
+            "seconds_per_pair": float(f"{seconds / n:.3g}")}
+
+
+def evaluate(data_dir: str, split: str, output_dir: str, *, model_dir: str | None = None,
+             methods: list | None = None, max_pairs: int = 0, num_visualizations: int = 6,
+             batch_size: int = 64, log_every: int = 100) -> dict:
+    """Runs every method on the split's pairs, writes the report files, returns the report dict.
+
+    Raises model.data.DatasetError (missing index, unknown or empty split) or EvaluationError.
+    """
+    from model import data  # TensorFlow is imported here, not at module import
+
+    cfg = data.dataset_config(data_dir, split)
+    names = check_methods(list(methods) if methods else default_methods(bool(model_dir)), bool(model_dir))
+    if max_pairs < 0 or num_visualizations < 0:
+        raise EvaluationError("--max_pairs and --num_visualizations must be >= 0")
+    model, run = (None, None)
+    if "network" in names:
+        model, run = load_network(model_dir, cfg.patch_size, cfg.channels)
+    total = min(max_pairs, cfg.num_examples) if max_pairs else cfg.num_examples
+    # Pairs to draw: spread evenly over the evaluated pairs, so they come from different images.
+    show = sorted(set(np.linspace(0, total - 1, num_visualizations).round().astype(int).tolist())) \
+        if num_visualizations else []
+    kept = {}
+    true_offsets, collected = [], {n: _Collected() for n in names}
+    logging.info("evaluating %s on %d pairs of %s/%s", ", ".join(names), total, data_dir, split)
+    started, seen, next_log = time.time(), 0, log_every
+    for batch in data.read_batches(data_dir, split, batch_size):
+        batch = {k: v.numpy()[:total - seen] for k, v in batch.items()}
+        _run_batch(batch, names, collected, model, float(run["rho"]) if run else 0.0)
+        true_offsets.extend(batch["offsets"].reshape(-1, 4, 2))
+        for i in show:
+            if seen <= i < seen + len(batch["offsets"]):
+                kept[i] = {k: batch[k][i - seen] for k in ("patch_a", "patch_b", "image_id", "patch_index")}
+        seen += len(batch["offsets"])
+        if seen >= next_log or seen >= total:
+            logging.info("  %d/%d pairs (%.1f pairs/s)", seen, total, seen / max(time.time() - started, 1e-9))
+            next_log += log_every
+        if seen >= total:
+            break
+
+    true_offsets = np.asarray(true_offsets, np.float32)
+    errors = {n: geometry.mace(np.asarray(collected[n].offsets), true_offsets) for n in names}
+    rho = cfg.rho
+    report = {
+        "dataset": {"data_dir": data_dir, "split": split, "num_examples": cfg.num_examples,
+                    "config": _full_config(data_dir)},
+        "model": ({"model_dir": model_dir, **{k: run.get(k) for k in ("rho", "patch_size", "channels",
+                                                                        "architecture", "steps")}}
+                  if run else None),
+        "num_pairs": int(seen),
+        "methods": {n: summarise(errors[n], np.asarray(collected[n].ok), collected[n].seconds) for n in names},
+        "identity_check": {"expected_mace": round(IDENTITY_MACE_PER_RHO * rho, 3),
+                           "measured_mace": round(float(geometry.mace(np.zeros_like(true_offsets),
+                                                                      true_offsets).mean()), 3)},
+        "figures": {},
+        "command": " ".join(sys.argv),
+        "generated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    _write(report, errors, true_offsets, collected, kept, output_dir)
+    return report
+
+
+def _full_config(data_dir: str) -> dict:
+    """The generation config of dataset_info.json (patch_size, rho, image size, channels, pairs/image, seed)."""
+    from pipeline import dataset_info
+
+    return dict(dataset_info.read(data_dir).raw["config"])
+
+
+def _write(report: dict, errors: dict, true_offsets: np.ndarray, collected: dict, kept: dict,
+           output_dir: str) -> None:
+    os.makedirs(output_dir, exist_ok=True)
+    figures = report["figures"]
+    figures["bar"] = report_lib.BAR_FILE
+    report_lib.bar_chart(report, os.path.join(output_dir, report_lib.BAR_FILE))
+    figures["histograms"] = report_lib.HISTOGRAM_FILE
+    report_lib.histograms(report, errors, os.path.join(output_dir, report_lib.HISTOGRAM_FILE))
+    figures["pairs"] = []
+    for i, pair in sorted(kept.items()):
+        name = f"pair_{i:05d}.png"
+        preds = {n: (collected[n].offsets[i], float(errors[n][i])) for n in errors}
+        report_lib.pair_figure(pair["patch_a"], pair["patch_b"], true_offsets[i], preds,
+                               f"pair {i}: image {int(pair['image_id'])}, patch {int(pair['patch_index'])}",
+                               os.path.join(output_dir, name))
+        figures["pairs"].append(name)
+    report_lib.write_json(report, output_dir)
+    report_lib.write_markdown(report, output_dir)
+
+
+def summary_text(report: dict, output_dir: str) -> str:
+    width = max(len(n) for n in report["methods"])
+    lines = [f"MACE on {report['num_pairs']} pairs of {report['dataset']['data_dir']}/{report['dataset']['split']} "
+             f"(rho {report['dataset']['config']['rho']}):"]
+    for name, m in report["methods"].items():
+        lines.append(f"  {name:<{width}}  mean {m['mean_mace']:7.3f}  median {m['median_mace']:7.3f}  "
+                     f"p90 {m['p90_mace']:7.3f} px  failures {100 * m['failure_rate']:5.1f}%  "
+                     f"{1000 * m['seconds_per_pair']:.2f} ms/pair")
+    ident = report["identity_check"]
+    lines.append(f"  identity expected 0.765 * rho = {ident['expected_mace']} px, measured {ident['measured_mace']} px")
+    lines.append(f"report: {os.path.join(output_dir, report_lib.MARKDOWN_FILE)}")
+    return "\n".join(lines)
+
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("data_dir", None, "Built dataset (holds dataset_info.json)")
+flags.DEFINE_string("split", "validation", "Split to evaluate on")
+flags.DEFINE_string("model_dir", None, "Training run (model.keras + config.json); omit for the classical methods alone")
+flags.DEFINE_string("output_dir", None, "Where the report files go")
+flags.DEFINE_list("methods", None, f"Comma list from {', '.join(methods_lib.ALL_METHODS)}; "
+                                   f"default: {', '.join(methods_lib.DEFAULT_CLASSICAL)} (+ network with --model_dir)")
+flags.DEFINE_integer("max_pairs", 0, "Evaluate only the first N pairs; 0 = all")
+flags.DEFINE_integer("num_visualizations", 6, "Pairs drawn with every method's quadrilateral")
+flags.DEFINE_integer("batch_size", 64, "Pairs read (and given to the network) at a time")
+flags.DEFINE_integer("log_every", 100, "Log progress every N pairs")
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    if not FLAGS.data_dir or not FLAGS.output_dir:
+        raise app.UsageError("--data_dir and --output_dir are required")
+    from model.data import DatasetError
+
+    try:
+        report = evaluate(FLAGS.data_dir, FLAGS.split, FLAGS.output_dir, model_dir=FLAGS.model_dir,
+                          methods=FLAGS.methods, max_pairs=FLAGS.max_pairs,
+                          num_visualizations=FLAGS.num_visualizations, batch_size=FLAGS.batch_size,
+                          log_every=FLAGS.log_every)
+    except (EvaluationError, DatasetError) as e:
+        print(f"model.evaluate: error: {e}", file=sys.stderr)
+        return 2
+    print(summary_text(report, FLAGS.output_dir))
+    return 0
+
+
+def run():
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()
