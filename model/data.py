@@ -1,0 +1,127 @@
+"""Input pipeline: built shards (found through dataset_info.json) -> batches for HomographyNet.
+
+Training and evaluation read through here, so there is one normalisation and one label scale:
+  inputs = normalize(patch_a, patch_b): the two uint8 patches stacked on channels, x / 127.5 - 1,
+           float32 in [-1, 1], shape (B, P, P, 2C) with patch A's channels first;
+  labels = offsets / rho: float32 (B, 8), (dx, dy) for TL, TR, BR, BL, in [-1, 1].
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import tensorflow as tf
+
+from pipeline import dataset_info, schema
+from pipeline.dataset_info import DatasetError  # re-exported: the one "bad dataset" error
+
+AUTOTUNE = tf.data.AUTOTUNE
+MAX_CYCLE_LENGTH = 16  # shards read at once; more only adds open files and memory
+
+__all__ = ["DatasetError", "DataConfig", "dataset_config", "normalize", "scale_labels",
+           "make_dataset", "read_batches"]
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """What a reader needs to know about a split: geometry from dataset_info.json and its shards."""
+
+    patch_size: int
+    channels: int
+    rho: int
+    image_width: int
+    image_height: int
+    split: str
+    num_examples: int
+    shard_files: tuple
+
+    def as_dict(self) -> dict:
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in ("shard_files",)}
+
+
+def dataset_config(data_dir: str, split: str) -> DataConfig:
+    """Reads dataset_info.json; raises DatasetError for a missing index, unknown/empty split, lost shards."""
+    info = dataset_info.read(data_dir)
+    s = info.split(split)  # DatasetError on an unknown or empty split
+    missing = [f for f in s.shard_files if not tf.io.gfile.exists(f)]
+    if missing:
+        raise DatasetError(f"split '{split}' of {data_dir}: {len(missing)} shard file(s) listed in "
+                           f"{schema.DATASET_INFO} are missing, e.g. {missing[0]}")
+    c = info.config
+    return DataConfig(c.patch_size, c.channels, c.rho, c.image_width, c.image_height, split,
+                      s.num_examples, tuple(s.shard_files))
+
+
+def normalize(patch_a, patch_b):
+    """The one model-input normalisation: concat([a, b], channels) / 127.5 - 1 -> float32 in [-1, 1].
+
+    Accepts uint8 patches (..., P, P, C) as numpy arrays (returns numpy) or tf tensors (returns a tensor).
+    """
+    if isinstance(patch_a, np.ndarray) and isinstance(patch_b, np.ndarray):
+        x = np.concatenate([patch_a, patch_b], axis=-1).astype(np.float32)
+        return x / np.float32(127.5) - np.float32(1.0)
+    x = tf.cast(tf.concat([patch_a, patch_b], axis=-1), tf.float32)
+    return x / 127.5 - 1.0
+
+
+def scale_labels(offsets, rho: float):
+    """Offsets in pixels -> regression targets in [-1, 1] (the inverse is `* rho`)."""
+    return tf.cast(offsets, tf.float32) / float(rho)
+
+
+def _to_model_io(config: DataConfig):
+    def fn(serialized):
+        parsed = schema.parse_batch(serialized, config.patch_size, config.channels)
+        return normalize(parsed[schema.PATCH_A], parsed[schema.PATCH_B]), \
+            scale_labels(parsed[schema.OFFSETS], config.rho)
+    return fn
+
+
+def _records(config: DataConfig, training: bool, seed) -> tf.data.Dataset:
+    files = tf.data.Dataset.from_tensor_slices(list(config.shard_files))
+    if not training:
+        return tf.data.TFRecordDataset(files)  # one file after the other: deterministic order
+    # Pairs of one image sit next to each other in a shard: read many shards at once, in a shuffled
+    # order, and let the shuffle buffer mix them further.
+    files = files.shuffle(len(config.shard_files), seed=seed, reshuffle_each_iteration=True)
+    return files.interleave(tf.data.TFRecordDataset, cycle_length=min(len(config.shard_files), MAX_CYCLE_LENGTH),
+                            block_length=1, num_parallel_calls=AUTOTUNE, deterministic=False)
+
+
+def make_dataset(data_dir: str, split: str, batch_size: int, *, training: bool, shuffle_buffer: int = 10000,
+                 repeat: bool | None = None, seed: int | None = None,
+                 drop_remainder: bool | None = None) -> tf.data.Dataset:
+    """(inputs, labels) batches: inputs float32 (B, P, P, 2C) from `normalize`, labels float32 (B, 8) = offsets/rho.
+
+    training=True: shards interleaved in parallel (non-deterministic), shuffled, repeated forever and
+    full batches only (unless repeat / drop_remainder say otherwise). training=False: one pass in
+    the order of dataset_info.json, last batch kept. Records are parsed a whole batch at a time.
+    """
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    config = dataset_config(data_dir, split)
+    repeat = training if repeat is None else repeat
+    drop_remainder = training if drop_remainder is None else drop_remainder
+    ds = _records(config, training, seed)
+    if training and shuffle_buffer > 1:
+        ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
+    if repeat:
+        ds = ds.repeat()
+    ds = ds.batch(batch_size, drop_remainder=drop_remainder)
+    ds = ds.map(_to_model_io(config), num_parallel_calls=AUTOTUNE, deterministic=not training)
+    if training:
+        options = tf.data.Options()
+        options.deterministic = False
+        ds = ds.with_options(options)
+    return ds.prefetch(AUTOTUNE)
+
+
+def read_batches(data_dir: str, split: str, batch_size: int) -> tf.data.Dataset:
+    """One deterministic pass of parsed records: dicts with the schema names (uint8 patches (B, P, P, C),
+    offsets and corners (B, 8) float32, image_id and patch_index (B,) int64). For evaluation."""
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    config = dataset_config(data_dir, split)
+    ds = _records(config, training=False, seed=None).batch(batch_size)
+    ds = ds.map(lambda s: schema.parse_batch(s, config.patch_size, config.channels), num_parallel_calls=AUTOTUNE)
+    return ds.prefetch(AUTOTUNE)

@@ -1,0 +1,113 @@
+"""HomographyNet (DeTone et al. 2016), regression head, in plain Keras 3 layers (backend-agnostic).
+
+Input: (P, P, 2C) = patch A and patch B stacked on channels, normalised by model.data.normalize.
+Output: 8 linear values = offsets / rho ((dx, dy) for TL, TR, BR, BL).
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import keras
+import numpy as np
+
+from model import data
+
+CONV_FILTERS = (64, 64, 64, 64, 128, 128, 128, 128)
+POOL_AFTER = (2, 4, 6)  # 2x2 max-pool after these convolutions (1-based)
+DENSE_UNITS = 1024
+DROPOUT_RATE = 0.5
+MODEL_FILE = "model.keras"
+CONFIG_FILE = "config.json"
+CHECKPOINT_DIR = "checkpoints"
+
+
+def build_homographynet(patch_size: int = 128, channels: int = 1, dropout: bool = True, batchnorm: bool = True,
+                        dtype=None, name: str = "homographynet") -> keras.Model:
+    """Eight 3x3 convs (64,64,64,64,128,128,128,128), each conv -> [BN] -> ReLU; 2x2 max-pool after the
+    2nd, 4th and 6th; [dropout 0.5] -> dense 1024 ReLU -> [dropout 0.5] -> dense 8, linear.
+
+    dtype: a Keras dtype policy for every layer ("mixed_bfloat16", "mixed_float16"); the output layer
+    always computes in float32 so the regression and its loss stay in full precision.
+    """
+    inputs = keras.Input((patch_size, patch_size, 2 * channels), name="patches")
+    x = inputs
+    for i, filters in enumerate(CONV_FILTERS, start=1):
+        # With BN the conv bias is redundant (BN's beta takes its role).
+        x = keras.layers.Conv2D(filters, 3, padding="same", use_bias=not batchnorm, dtype=dtype, name=f"conv{i}")(x)
+        if batchnorm:
+            x = keras.layers.BatchNormalization(dtype=dtype, name=f"bn{i}")(x)
+        x = keras.layers.Activation("relu", dtype=dtype, name=f"relu{i}")(x)
+        if i in POOL_AFTER:
+            x = keras.layers.MaxPooling2D(2, dtype=dtype, name=f"pool{POOL_AFTER.index(i) + 1}")(x)
+    x = keras.layers.Flatten(dtype=dtype, name="flatten")(x)
+    if dropout:
+        x = keras.layers.Dropout(DROPOUT_RATE, dtype=dtype, name="dropout1")(x)
+    x = keras.layers.Dense(DENSE_UNITS, activation="relu", dtype=dtype, name="fc1")(x)
+    if dropout:
+        x = keras.layers.Dropout(DROPOUT_RATE, dtype=dtype, name="dropout2")(x)
+    outputs = keras.layers.Dense(8, activation=None, dtype="float32", name="offsets")(x)
+    return keras.Model(inputs, outputs, name=name)
+
+
+# Architectures selectable with --architecture; each builder takes (patch_size, channels, dropout,
+# batchnorm, dtype) and returns a model mapping normalised (P, P, 2C) input to 8 scaled offsets.
+ARCHITECTURES = {"homographynet": build_homographynet}
+
+
+def build(architecture: str, patch_size: int, channels: int, dropout: bool = True, batchnorm: bool = True,
+          dtype=None) -> keras.Model:
+    if architecture not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture '{architecture}'; known: {', '.join(sorted(ARCHITECTURES))}")
+    return ARCHITECTURES[architecture](patch_size=patch_size, channels=channels, dropout=dropout,
+                                       batchnorm=batchnorm, dtype=dtype)
+
+
+def read_config(model_dir: str) -> dict | None:
+    path = os.path.join(model_dir, CONFIG_FILE)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def load(model_dir: str):
+    """(keras model, run config dict) of a training run: model_dir/model.keras, else its latest checkpoint."""
+    config = read_config(model_dir)
+    if config is None:
+        raise FileNotFoundError(f"no {CONFIG_FILE} in {model_dir}: not a training run directory")
+    path = os.path.join(model_dir, MODEL_FILE)
+    if os.path.exists(path):
+        return keras.models.load_model(path), config
+    import tensorflow as tf  # checkpoints are TF's format; the final .keras file is backend-neutral
+
+    latest = tf.train.latest_checkpoint(os.path.join(model_dir, CHECKPOINT_DIR))
+    if latest is None:
+        raise FileNotFoundError(f"{model_dir} holds neither {MODEL_FILE} nor a checkpoint")
+    model = build(config["architecture"], config["patch_size"], config["channels"], config["dropout"],
+                  config["batchnorm"], dtype=dtype_policy(config.get("mixed_precision", "none")))
+    tf.train.Checkpoint(model=model).restore(latest).expect_partial()
+    return model, config
+
+
+def dtype_policy(mixed_precision: str):
+    """--mixed_precision value -> Keras dtype policy name (None = float32)."""
+    policies = {"none": None, "bfloat16": "mixed_bfloat16", "float16": "mixed_float16"}
+    if mixed_precision not in policies:
+        raise ValueError(f"mixed_precision must be one of {', '.join(policies)}, got '{mixed_precision}'")
+    return policies[mixed_precision]
+
+
+def predict_offsets(model: keras.Model, patch_a: np.ndarray, patch_b: np.ndarray, rho: float,
+                    batch_size: int = 64) -> np.ndarray:
+    """Offsets in pixels, (N, 8) float32 numpy, from uint8 patches (N, P, P, C) (inference mode)."""
+    patch_a, patch_b = np.asarray(patch_a), np.asarray(patch_b)
+    if patch_a.shape != patch_b.shape or patch_a.ndim != 4:
+        raise ValueError(f"patches must both be (N, P, P, C), got {patch_a.shape} and {patch_b.shape}")
+    out = []
+    for i in range(0, len(patch_a), batch_size):
+        x = data.normalize(patch_a[i:i + batch_size], patch_b[i:i + batch_size])
+        out.append(np.asarray(model.predict_on_batch(x), np.float32))
+    if not out:
+        return np.zeros((0, 8), np.float32)
+    return np.concatenate(out) * np.float32(rho)
