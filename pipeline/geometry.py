@@ -130,19 +130,20 @@ class Pair:
     patch_index: int
 
 
-def make_pair(image: np.ndarray, x: int, y: int, offsets: np.ndarray, patch_size: int, patch_index: int = 0) -> Pair:
+def make_pair(image: np.ndarray, x: int, y: int, offsets: np.ndarray, patch_size: int, patch_index: int = 0,
+              warp=warp_window) -> Pair:
     """Patch A = window (x, y) of image; patch B = same window of the image warped by inv(H_AB)."""
     corners = patch_corners(x, y, patch_size)
     h_ab = homography_ab(corners, offsets)
     a = crop(image, x, y, patch_size)
-    b = warp_window(image, h_ab, x, y, patch_size)
+    b = warp(image, h_ab, x, y, patch_size)
     if a.ndim == 2:
         a, b = a[..., None], b[..., None]
     return Pair(np.ascontiguousarray(a), np.ascontiguousarray(b), np.asarray(offsets, np.float32).reshape(4, 2),
                 corners, patch_index)
 
 
-def generate_pairs(image: np.ndarray, config: PairConfig, split: str, image_id: int) -> list[Pair]:
+def generate_pairs(image: np.ndarray, config: PairConfig, split: str, image_id: int, warp=warp_window) -> list[Pair]:
     """All patches_per_image pairs of one resized image; the draws depend on (seed, split, image id) only."""
     h, w = image.shape[:2]
     if (w, h) != (config.image_width, config.image_height):
@@ -152,7 +153,7 @@ def generate_pairs(image: np.ndarray, config: PairConfig, split: str, image_id: 
     for k in range(config.patches_per_image):
         x, y = sample_top_left(rng, w, h, config.patch_size, config.rho)
         offsets = sample_offsets(rng, config.rho)
-        pairs.append(make_pair(image, x, y, offsets, config.patch_size, k))
+        pairs.append(make_pair(image, x, y, offsets, config.patch_size, k, warp))
     return pairs
 
 
