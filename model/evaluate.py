@@ -44,8 +44,8 @@ def check_methods(names: list, with_network: bool) -> list:
     return names
 
 
-def load_network(model_dir: str, patch_size: int, channels: int):
-    """(model, run config) of a training run whose input matches the dataset's patches."""
+def load_run(model_dir: str):
+    """(keras model, run config) of a training run, or EvaluationError saying why not."""
     from model import network
 
     if not os.path.isdir(model_dir):
@@ -54,8 +54,19 @@ def load_network(model_dir: str, patch_size: int, channels: int):
         model, run = network.load(model_dir)
     except (FileNotFoundError, OSError, ValueError, KeyError) as e:
         raise EvaluationError(f"cannot load a model from {model_dir}: {e}") from e
-    got = (int(run.get("patch_size", -1)), int(run.get("channels", -1)))
-    if got != (patch_size, channels):
+    missing = [k for k in ("patch_size", "channels", "rho") if k not in run]
+    if missing:
+        raise EvaluationError(f"the run config of {model_dir} lacks {', '.join(missing)}")
+    return model, run
+
+
+def load_network(model_dir: str, patch_size: int, channels: int):
+    """(model, run config) of a training run whose input matches the dataset's patches."""
+    model, run = load_run(model_dir)
+    # The model's own input shape (P, P, 2C) decides, not only what config.json claims.
+    shape = tuple(model.inputs[0].shape)
+    got = (int(shape[1]), int(shape[3]) // 2)
+    if got != (patch_size, channels) or (int(run["patch_size"]), int(run["channels"])) != got:
         raise EvaluationError(f"the model in {model_dir} takes {got[0]} px patches with {got[1]} channel(s), "
                               f"the dataset has {patch_size} px with {channels}: evaluate it on a dataset built "
                               f"with the same --patch_size and --color")

@@ -1,0 +1,79 @@
+"""The estimators of model.methods in DESIGN.md's convention, on pairs built by pipeline.geometry."""
+import cv2
+import numpy as np
+import pytest
+
+from model import methods
+from pipeline import geometry
+from tests.conftest import textured_image
+
+CONFIG = geometry.PairConfig(patches_per_image=4)
+
+
+@pytest.fixture(scope="module")
+def textured_pairs():
+    """12 grayscale pairs (rho 32) from 3 textured images, exactly as the builder makes them."""
+    rng = np.random.default_rng(11)
+    pairs = []
+    for image_id in range(3):
+        image = cv2.cvtColor(textured_image(rng, 320, 240), cv2.COLOR_BGR2GRAY)
+        pairs += geometry.generate_pairs(image, CONFIG, "validation", image_id)
+    return pairs
+
+
+def score(method, pairs):
+    estimates = [methods.estimate(method, p.patch_a, p.patch_b) for p in pairs]
+    errors = geometry.mace(np.array([e.offsets for e in estimates]), np.array([p.offsets for p in pairs]))
+    return errors, np.array([e.ok for e in estimates])
+
+
+def test_true_h_local_scores_zero_and_its_inverse_does_not(textured_pairs):
+    for p in textured_pairs:
+        h = geometry.homography_local(p.offsets, CONFIG.patch_size)
+        exact = methods.from_homography(h, CONFIG.patch_size)
+        assert exact.ok
+        assert geometry.mace(exact.offsets, p.offsets)[0] < 1e-3
+        # The wrong direction (A -> B) must not pass for the right one.
+        inverse = methods.from_homography(np.linalg.inv(h), CONFIG.patch_size)
+        assert geometry.mace(inverse.offsets, p.offsets)[0] > 5
+
+
+def test_identity_is_zero_offsets_and_its_mace_is_the_mean_offset_norm(textured_pairs):
+    errors, ok = score("identity", textured_pairs)
+    assert ok.all()
+    expected = [np.mean([np.hypot(dx, dy) for dx, dy in p.offsets]) for p in textured_pairs]
+    np.testing.assert_allclose(errors, expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["orb", "sift", "ecc"])
+def test_classical_methods_beat_the_identity_on_textured_pairs(textured_pairs, method):
+    identity, _ = score("identity", textured_pairs)
+    errors, ok = score(method, textured_pairs)
+    assert ok.mean() >= 0.75, f"{method} failed on {np.sum(~ok)} of {len(ok)} textured pairs"
+    assert errors.mean() < 0.25 * identity.mean(), (method, errors.mean(), identity.mean())
+    assert np.median(errors) < 2.0, (method, np.median(errors))
+
+
+def test_colour_patches_are_accepted(textured_pairs):
+    p = textured_pairs[0]
+    colour_a, colour_b = (np.repeat(x, 3, axis=-1) for x in (p.patch_a, p.patch_b))
+    e = methods.estimate("sift", colour_a, colour_b)
+    assert e.ok and geometry.mace(e.offsets, p.offsets)[0] < 2.0
+
+
+def test_failures_fall_back_to_the_identity_and_say_why():
+    flat = np.full((128, 128, 1), 90, np.uint8)
+    for method in ("orb", "sift", "ecc"):
+        e = methods.estimate(method, flat, flat)
+        assert not e.ok and e.reason, method
+        assert np.array_equal(e.offsets, np.zeros((4, 2), np.float32))
+    for bad in (np.full((3, 3), np.nan), np.zeros((3, 3)), np.diag([1.0, -1.0, 1.0]),  # NaN, singular, flipped
+                np.diag([10.0, 10.0, 1.0]), geometry.homography_local(np.full((4, 2), 80.0), 128)):
+        e = methods.from_homography(bad, 128)
+        assert not e.ok and e.reason.startswith(("degenerate", "implausible")), (bad, e.reason)
+        assert not e.offsets.any()
+
+
+def test_unknown_method_is_refused():
+    with pytest.raises(ValueError, match="unknown classical method"):
+        methods.estimate("surf", np.zeros((8, 8, 1), np.uint8), np.zeros((8, 8, 1), np.uint8))
