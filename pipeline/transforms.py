@@ -19,6 +19,9 @@ import time
 
 import apache_beam as beam
 import cv2
+from apache_beam.io.filesystems import FileSystems
+# Beam's own TFRecord framing (length, masked crc32c): shards go through FileSystems like all other I/O.
+from apache_beam.io.tfrecordio import _TFRecordUtil
 from apache_beam.metrics import Metrics
 
 from pipeline import coco, dataset_info, geometry, schema
@@ -77,8 +80,6 @@ class _WriteShardFn(beam.DoFn):
             "image_id": record.image_id, "path": record.path, "reason": reason, "detail": detail})
 
     def process(self, element):
-        import tensorflow as tf  # heavy; imported on the worker only
-
         shard, records = element
         records = sorted(records, key=lambda r: r.image_id)
         cfg = self._config
@@ -86,7 +87,7 @@ class _WriteShardFn(beam.DoFn):
         path = dataset_info.join(self._output_dir, file_name)
         count = used = 0
         t0 = time.time()
-        with tf.io.TFRecordWriter(path) as writer:
+        with FileSystems.create(path) as writer:
             for record in records:
                 t_image = time.time()
                 try:
@@ -100,7 +101,7 @@ class _WriteShardFn(beam.DoFn):
                     yield self._failed(record, "undecodable", f"OpenCV: {str(e).strip()[:200]}")
                     continue
                 for pair in geometry.generate_pairs(image, cfg, self._split, record.image_id):
-                    writer.write(schema.encode(pair.patch_a, pair.patch_b, pair.offsets, pair.corners,
+                    _TFRecordUtil.write_record(writer, schema.encode(pair.patch_a, pair.patch_b, pair.offsets, pair.corners,
                                                record.image_id, pair.patch_index))
                     count += 1
                 used += 1
@@ -126,17 +127,15 @@ class WriteShards(beam.PTransform):
 
 def _finalize_split(_, shards: list, failed: list, *, output_dir, name, split, source_split, source,
                     images_listed, num_shards):
-    import tensorflow as tf
-
     by_index = {s["index"]: s for s in shards}
     for i in range(num_shards):  # a shard that got no images still exists, empty, so names stay i-of-N
         if i not in by_index:
             file_name = shard_name(name, split, i, num_shards)
-            tf.io.TFRecordWriter(dataset_info.join(output_dir, file_name)).close()
+            FileSystems.create(dataset_info.join(output_dir, file_name)).close()
             by_index[i] = {"index": i, "file": file_name, "num_examples": 0, "images_used": 0}
     failed = sorted(failed, key=lambda f: f["image_id"])
     failed_file = schema.failed_images_file(split)
-    with beam.io.filesystems.FileSystems.create(dataset_info.join(output_dir, failed_file)) as f:
+    with FileSystems.create(dataset_info.join(output_dir, failed_file)) as f:
         f.write("".join(json.dumps(x, sort_keys=True) + "\n" for x in failed).encode("utf-8"))
     reasons = {}
     for x in failed:
