@@ -160,11 +160,15 @@ def summary_text(report: dict, output_dir: str) -> str:
 
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("data_dir", None, "A built dataset (holds dataset_info.json); local or gs://")
-flags.DEFINE_string("output_dir", None, "Where audit.json, audit.md and the plots go")
-flags.DEFINE_float("residual_threshold", 1.0,
-                   "A pair whose mean |warp(A, H_local) - B| exceeds this (grey levels) has a wrong label")
-flags.DEFINE_float("max_residual_share", 0.001, "Largest share of pairs above the threshold that still passes")
+
+
+def _define_flags():
+    """Defined when the CLI runs, not at import: other modules (pipeline.build) use the same flag names."""
+    flags.DEFINE_string("data_dir", None, "A built dataset (holds dataset_info.json); local or gs://")
+    flags.DEFINE_string("output_dir", None, "Where audit.json, audit.md and the plots go")
+    flags.DEFINE_float("residual_threshold", 1.0,
+                       "A pair whose mean |warp(A, H_local) - B| exceeds this (grey levels) has a wrong label")
+    flags.DEFINE_float("max_residual_share", 0.001, "Largest share of pairs above the threshold that still passes")
 
 
 def main(argv):
@@ -194,6 +198,7 @@ def _parse_flags(argv):
 
 
 def run():
+    _define_flags()
     app.run(main, flags_parser=_parse_flags)
 
 

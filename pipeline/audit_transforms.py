@@ -80,6 +80,7 @@ class _ReadShardFn(beam.DoFn):
 
     def process(self, spec):
         cfg, count, error = self._config, 0, None
+        split_counter = Metrics.counter(NAMESPACE, f"{spec['split']}_records_read")
         try:
             with FileSystems.open(spec["path"], compression_type=CompressionTypes.UNCOMPRESSED) as f:
                 for data in iter_tfrecords(f):
@@ -89,6 +90,7 @@ class _ReadShardFn(beam.DoFn):
                         raise ShardReadError(f"record {count} does not parse: {type(e).__name__}: {e}") from e
                     count += 1
                     self._records.inc()
+                    split_counter.inc()
                     yield spec["split"], record
         except (ShardReadError, OSError) as e:
             error = str(e) or type(e).__name__
@@ -480,23 +482,28 @@ class Leakage(beam.PTransform):
                 | "Summarize" >> beam.CombineGlobally(CountAndExamplesFn()))
 
 
+MAX_TRACKED_IMAGES = 64
+
+
 class CopiesFn(beam.CombineFn):
-    """Copies of one patch_a: how many, in which splits, and the first few (split, image_id, patch_index)."""
+    """Copies of one patch_a: how many, from which splits and images (up to MAX_TRACKED_IMAGES), first few."""
 
     def create_accumulator(self):
         return 0, frozenset(), []
 
     def add_input(self, acc, x):
-        return acc[0] + 1, acc[1] | {x[0]}, sorted(acc[2] + [x])[:MAX_EXAMPLES]
+        return self.merge_accumulators([acc, (1, frozenset([x[:2]]), [x])])
 
     def merge_accumulators(self, accs):
-        n, splits, ex = 0, frozenset(), []
-        for a_n, a_splits, a_ex in accs:
-            n, splits, ex = n + a_n, splits | a_splits, sorted(ex + a_ex)[:MAX_EXAMPLES]
-        return n, splits, ex
+        n, images, ex = 0, frozenset(), []
+        for a_n, a_images, a_ex in accs:
+            n, ex = n + a_n, sorted(ex + a_ex)[:MAX_EXAMPLES]
+            images = frozenset(sorted(images | a_images)[:MAX_TRACKED_IMAGES])
+        return n, images, ex
 
     def extract_output(self, acc):
-        return {"count": acc[0], "splits": sorted(acc[1]), "examples": [list(e) for e in acc[2]]}
+        return {"count": acc[0], "splits": sorted({i[0] for i in acc[1]}), "images": len(acc[1]),
+                "examples": [list(e) for e in acc[2]]}
 
 
 class Duplicates(beam.PTransform):
@@ -511,24 +518,33 @@ class Duplicates(beam.PTransform):
 
 
 class DuplicateGroupsFn(beam.CombineFn):
+    """Groups of identical patch_a, told apart: the same window drawn twice from one image (expected now
+    and then: positions are independent draws) vs copies across images or splits (duplicate sources)."""
+
+    _COUNTS = ("groups", "extra_copies", "same_image_groups", "cross_image_groups", "cross_split_groups")
+
     def create_accumulator(self):
-        return {"groups": 0, "extra_copies": 0, "cross_split_groups": 0, "examples": []}
+        return dict({k: 0 for k in self._COUNTS}, examples=[])
 
     def add_input(self, acc, kv):
         digest, copies = kv
         acc["groups"] += 1
         acc["extra_copies"] += copies["count"] - 1
+        acc["same_image_groups"] += copies["images"] == 1
+        acc["cross_image_groups"] += copies["images"] > 1
         acc["cross_split_groups"] += len(copies["splits"]) > 1
-        acc["examples"] = sorted(acc["examples"] + [[digest, copies["count"], copies["examples"]]])[:MAX_EXAMPLES]
+        # examples: cross-image groups first, they are the interesting ones
+        example = [int(copies["images"] == 1), digest, copies["count"], copies["examples"]]
+        acc["examples"] = sorted(acc["examples"] + [example])[:MAX_EXAMPLES]
         return acc
 
     def merge_accumulators(self, accs):
         out = self.create_accumulator()
         for a in accs:
-            for k in ("groups", "extra_copies", "cross_split_groups"):
+            for k in self._COUNTS:
                 out[k] += a[k]
             out["examples"] = sorted(out["examples"] + a["examples"])[:MAX_EXAMPLES]
         return out
 
     def extract_output(self, acc):
-        return acc
+        return dict(acc, examples=[e[1:] for e in acc["examples"]])
