@@ -210,23 +210,32 @@ def summary_text(report: dict, output_dir: str) -> str:
 
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("data_dir", None, "Built dataset (holds dataset_info.json)")
-flags.DEFINE_string("split", "validation", "Split to evaluate on")
-flags.DEFINE_string("model_dir", None, "Training run (model.keras + config.json); omit for the classical methods alone")
-flags.DEFINE_string("output_dir", None, "Where the report files go")
-flags.DEFINE_list("methods", None, f"Comma list from {', '.join(methods_lib.ALL_METHODS)}; "
-                                   f"default: {', '.join(methods_lib.DEFAULT_CLASSICAL)} (+ network with --model_dir)")
-flags.DEFINE_integer("max_pairs", 0, "Evaluate only the first N pairs; 0 = all")
-flags.DEFINE_integer("num_visualizations", 6, "Pairs drawn with every method's quadrilateral")
-flags.DEFINE_integer("batch_size", 64, "Pairs read (and given to the network) at a time")
-flags.DEFINE_integer("log_every", 100, "Log progress every N pairs")
+
+
+def _define_flags():
+    """Defined when the CLI runs, not at import: other modules (pipeline.build, model.train) use the same names."""
+    flags.DEFINE_string("data_dir", None, "Built dataset (holds dataset_info.json)")
+    flags.DEFINE_string("split", "validation", "Split to evaluate on")
+    flags.DEFINE_string("model_dir", None, "Training run (model.keras + config.json); omit for the classical methods alone")
+    flags.DEFINE_string("output_dir", None, "Where the report files go")
+    flags.DEFINE_list("methods", None, f"Comma list from {', '.join(methods_lib.ALL_METHODS)}; "
+                                       f"default: {', '.join(methods_lib.DEFAULT_CLASSICAL)} (+ network with --model_dir)")
+    flags.DEFINE_integer("max_pairs", 0, "Evaluate only the first N pairs; 0 = all")
+    flags.DEFINE_integer("num_visualizations", 6, "Pairs drawn with every method's quadrilateral")
+    flags.DEFINE_integer("batch_size", 64, "Pairs read (and given to the network) at a time")
+    flags.DEFINE_integer("log_every", 100, "Log progress every N pairs")
+
+
+def _fail(message: str) -> int:
+    print(f"model.evaluate: error: {message}", file=sys.stderr)
+    return 2
 
 
 def main(argv):
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+        return _fail(f"unexpected arguments: {' '.join(argv[1:])}")
     if not FLAGS.data_dir or not FLAGS.output_dir:
-        raise app.UsageError("--data_dir and --output_dir are required")
+        return _fail("--data_dir and --output_dir are required")
     from model.data import DatasetError
 
     try:
@@ -235,14 +244,21 @@ def main(argv):
                           num_visualizations=FLAGS.num_visualizations, batch_size=FLAGS.batch_size,
                           log_every=FLAGS.log_every)
     except (EvaluationError, DatasetError) as e:
-        print(f"model.evaluate: error: {e}", file=sys.stderr)
-        return 2
+        return _fail(str(e))
     print(summary_text(report, FLAGS.output_dir))
     return 0
 
 
+def _parse_flags(argv):
+    try:
+        return FLAGS(argv)
+    except flags.Error as e:  # a bad or unknown flag: one line, exit 2, like the other errors
+        sys.exit(_fail(str(e)))
+
+
 def run():
-    app.run(main)
+    _define_flags()
+    app.run(main, flags_parser=_parse_flags)
 
 
 if __name__ == "__main__":

@@ -136,20 +136,29 @@ def draw(image_a: bytes, image_b: bytes, h: np.ndarray, path: str, label: str) -
 
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("model_dir", None, "Training run (model.keras + config.json); required for --method=network")
-flags.DEFINE_string("image_a", None, "First image (any size, any format OpenCV reads)")
-flags.DEFINE_string("image_b", None, "Second image")
-flags.DEFINE_string("output", None, "Optional PNG: B's outline mapped into A, beside B")
-flags.DEFINE_enum("method", "network", ["network", "sift", "orb", "orb_default", "ecc", "identity"], "Estimator")
-flags.DEFINE_integer("patch_size", 128, "Input size P for a classical method without --model_dir")
-flags.DEFINE_bool("color", False, "Colour input for a classical method without --model_dir")
+
+
+def _define_flags():
+    """Defined when the CLI runs, not at import: other modules (pipeline.build, model.train) use the same names."""
+    flags.DEFINE_string("model_dir", None, "Training run (model.keras + config.json); required for --method=network")
+    flags.DEFINE_string("image_a", None, "First image (any size, any format OpenCV reads)")
+    flags.DEFINE_string("image_b", None, "Second image")
+    flags.DEFINE_string("output", None, "Optional PNG: B's outline mapped into A, beside B")
+    flags.DEFINE_enum("method", "network", ["network", "sift", "orb", "orb_default", "ecc", "identity"], "Estimator")
+    flags.DEFINE_integer("patch_size", 128, "Input size P for a classical method without --model_dir")
+    flags.DEFINE_bool("color", False, "Colour input for a classical method without --model_dir")
+
+
+def _fail(message: str) -> int:
+    print(f"model.predict: error: {message}", file=sys.stderr)
+    return 2
 
 
 def main(argv):
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+        return _fail(f"unexpected arguments: {' '.join(argv[1:])}")
     if not FLAGS.image_a or not FLAGS.image_b:
-        raise app.UsageError("--image_a and --image_b are required")
+        return _fail("--image_a and --image_b are required")
     try:
         model, rho = None, None
         patch_size, channels = FLAGS.patch_size, 3 if FLAGS.color else 1
@@ -163,8 +172,7 @@ def main(argv):
         if FLAGS.output:
             draw(a, b, pred.homography, FLAGS.output, FLAGS.method if pred.ok else f"{FLAGS.method}: FAILED")
     except PredictError as e:
-        print(f"model.predict: error: {e}", file=sys.stderr)
-        return 2
+        return _fail(str(e))
     if not pred.ok:
         print(f"warning: {FLAGS.method} failed ({pred.reason}); H is the identity of the resized frames",
               file=sys.stderr)
@@ -185,8 +193,16 @@ def _load(model_dir: str):
         raise PredictError(str(e)) from e
 
 
+def _parse_flags(argv):
+    try:
+        return FLAGS(argv)
+    except flags.Error as e:  # a bad or unknown flag: one line, exit 2, like the other errors
+        sys.exit(_fail(str(e)))
+
+
 def run():
-    app.run(main)
+    _define_flags()
+    app.run(main, flags_parser=_parse_flags)
 
 
 if __name__ == "__main__":
