@@ -81,3 +81,17 @@ def headline(figures: dict) -> None:
     print()
     for name, value in figures.items():
         print(f"{name}={value:.4g}" if isinstance(value, float) else f"{name}={value}")
+
+
+def dataset_dir(data_dir: str | None, workdir: pathlib.Path) -> str:
+    """data_dir if given, else coco_mini (1,780 train + 500 validation pairs) built into workdir."""
+    if data_dir:
+        return data_dir
+    from pipeline.build import build
+    from pipeline.geometry import PairConfig
+
+    out = workdir / "coco_mini_rho32"
+    if not (out / "dataset_info.json").exists():
+        build(str(COCO_MINI), str(out), {"train": "train2017", "validation": "val2017"}, PairConfig(),
+              overwrite=True, beam_args=["--runner=DirectRunner"])
+    return str(out)

@@ -1,0 +1,74 @@
+"""Training-step benchmark: samples/s of train steps fed by the real input pipeline against the same
+steps fed by one batch held in memory (the input's cost is the difference).
+
+  python -m bench.train [--data_dir=OUT] [--batch_size=64] [--steps=20] [--patch_size=0]
+
+The step is model.train's: HomographyNet forward + backward, Euclidean loss on scaled offsets, SGD with
+momentum, inside a tf.function loop of steps. On this CPU a step is compute-bound, so the ratio says
+little about a GPU; on a GPU box run the same command (BUILD_NOTES.md says what to expect).
+"""
+from __future__ import annotations
+
+import os
+import pathlib
+import tempfile
+import time
+
+from absl import app, flags
+
+from bench.common import dataset_dir, headline
+
+flags.DEFINE_string("data_dir", None, "A built dataset (default: coco_mini built into a temporary folder)")
+flags.DEFINE_integer("batch_size", 64, "Batch size")
+flags.DEFINE_integer("steps", 20, "Timed steps per variant (after 3 warm-up steps)")
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+    del argv
+    import keras
+    import tensorflow as tf
+
+    from model import data, network
+
+    work = pathlib.Path(tempfile.mkdtemp(prefix="bench_train_"))
+    data_dir = dataset_dir(FLAGS.data_dir, work)
+    cfg = data.dataset_config(data_dir, "train")
+    b = FLAGS.batch_size
+    gpus = tf.config.list_physical_devices("GPU")
+    print(f"machine: {os.cpu_count()} cores, {len(gpus)} GPU(s); data: {data_dir}; batch {b}; "
+          f"patch {cfg.patch_size}x{cfg.patch_size}x{2 * cfg.channels}")
+
+    model = network.build("homographynet", cfg.patch_size, cfg.channels)
+    optimizer = keras.optimizers.SGD(0.005, momentum=0.9)
+
+    @tf.function
+    def loop(iterator, n):
+        total = tf.constant(0.0)
+        for _ in tf.range(n):
+            x, y = next(iterator)
+            with tf.GradientTape() as tape:
+                loss = tf.reduce_mean(0.5 * tf.reduce_sum(tf.square(model(x, training=True) - y), -1))
+            optimizer.apply(tape.gradient(loss, model.trainable_variables), model.trainable_variables)
+            total += loss
+        return total
+
+    def samples_per_second(ds):
+        it = iter(ds)
+        loop(it, tf.constant(3)).numpy()  # trace + warm up
+        t0 = time.perf_counter()
+        loop(it, tf.constant(FLAGS.steps)).numpy()
+        return FLAGS.steps * b / (time.perf_counter() - t0)
+
+    real = data.make_dataset(data_dir, "train", b, training=True)
+    one_batch = tf.data.Dataset.from_tensors(next(iter(real))).repeat()
+    rates = {"in-memory batch": samples_per_second(one_batch), "real input pipeline": samples_per_second(real)}
+    for name, rate in rates.items():
+        print(f"  train steps fed by {name:<22} {rate:8.1f} samples/s")
+    headline({"train_samples_per_s_in_memory": rates["in-memory batch"],
+              "train_samples_per_s_real_input": rates["real input pipeline"],
+              "input_cost_fraction": 1 - rates["real input pipeline"] / rates["in-memory batch"]})
+
+
+if __name__ == "__main__":
+    app.run(main)
