@@ -50,17 +50,96 @@ def build_homographynet(patch_size: int = 128, channels: int = 1, dropout: bool 
     return keras.Model(inputs, outputs, name=name)
 
 
+@keras.saving.register_keras_serializable(package="homography")
+class PatchChannels(keras.layers.Layer):
+    """Patch `index` (0 = A, 1 = B) of the stacked (P, P, 2C) input as 3 channels (grayscale repeated)."""
+
+    def __init__(self, index: int, channels: int, **kwargs):
+        super().__init__(**kwargs)
+        self.index, self.channels = int(index), int(channels)
+
+    def call(self, x):
+        c = self.channels
+        return keras.ops.repeat(x[..., self.index * c:(self.index + 1) * c], 3 // c, axis=-1)
+
+    def compute_output_shape(self, input_shape):
+        return tuple(input_shape[:-1]) + (3,)
+
+    def get_config(self):
+        return {**super().get_config(), "index": self.index, "channels": self.channels}
+
+
+TOWER_FROZEN_LAYERS = 130  # the seed's choice: MobileNetV2's first 130 of 154 layers keep their weights
+TOWER_L2 = 0.01
+
+
+def build_mobilenetv2_towers(patch_size: int = 128, channels: int = 1, dropout: bool = False,
+                             batchnorm: bool = True, dtype=None, name: str = "mobilenetv2_towers", *,
+                             frozen_layers: int = TOWER_FROZEN_LAYERS, l2: float = TOWER_L2, weights=None,
+                             alpha: float = 1.0) -> keras.Model:
+    """The seed's transfer model: one headless MobileNetV2 (keras.applications) per patch, each fed its patch
+    as 3 channels (grayscale repeated), the first `frozen_layers` layers of each tower frozen, the two
+    flattened feature maps concatenated -> [dropout 0.5] -> dense 1024 ReLU with L2(l2) -> [dropout] -> dense 8.
+
+    weights: None (random towers), 'imagenet' (needs the network) or the path of a headless MobileNetV2
+    weights file with the same alpha. batchnorm is ignored (MobileNetV2 has its own); dtype applies to the head.
+    """
+    if patch_size < 32 or channels not in (1, 3):
+        raise ValueError(f"MobileNetV2 towers need patch_size >= 32 and 1 or 3 channels, got {patch_size}, {channels}")
+    inputs = keras.Input((patch_size, patch_size, 2 * channels), name="patches")
+    features = []
+    for i, tag in enumerate("ab"):
+        tower = keras.applications.MobileNetV2(input_shape=(patch_size, patch_size, 3), alpha=alpha,
+                                               include_top=False, weights=weights, name=f"tower_{tag}")
+        for layer in tower.layers[:frozen_layers]:
+            layer.trainable = False  # frozen BatchNormalization layers also run in inference mode
+        x = tower(PatchChannels(i, channels, name=f"patch_{tag}")(inputs))
+        features.append(keras.layers.Flatten(name=f"flatten_{tag}")(x))
+    x = keras.layers.Concatenate(name="features")(features)
+    if dropout:
+        x = keras.layers.Dropout(DROPOUT_RATE, dtype=dtype, name="dropout1")(x)
+    x = keras.layers.Dense(DENSE_UNITS, activation="relu", kernel_regularizer=keras.regularizers.L2(l2),
+                           dtype=dtype, name="fc1")(x)
+    if dropout:
+        x = keras.layers.Dropout(DROPOUT_RATE, dtype=dtype, name="dropout2")(x)
+    outputs = keras.layers.Dense(8, activation=None, dtype="float32", name="offsets")(x)
+    return keras.Model(inputs, outputs, name=name)
+
+
 # Architectures selectable with --architecture; each builder takes (patch_size, channels, dropout,
-# batchnorm, dtype) and returns a model mapping normalised (P, P, 2C) input to 8 scaled offsets.
-ARCHITECTURES = {"homographynet": build_homographynet}
+# batchnorm, dtype, **its own options) and returns a model mapping normalised (P, P, 2C) input to 8 scaled offsets.
+ARCHITECTURES = {"homographynet": build_homographynet, "mobilenetv2_towers": build_mobilenetv2_towers}
+# Options of build() that only set initial weights: a restore from a checkpoint does not need them.
+INIT_ONLY_OPTIONS = ("init_from", "weights")
 
 
 def build(architecture: str, patch_size: int, channels: int, dropout: bool = True, batchnorm: bool = True,
-          dtype=None) -> keras.Model:
+          dtype=None, options: dict | None = None) -> keras.Model:
+    """options: the builder's own keyword options, plus two for any architecture:
+    init_from: a training run directory whose weights are copied in, layer by layer (by name);
+    freeze: names of layers (of the top-level model) made non-trainable."""
     if architecture not in ARCHITECTURES:
         raise ValueError(f"unknown architecture '{architecture}'; known: {', '.join(sorted(ARCHITECTURES))}")
-    return ARCHITECTURES[architecture](patch_size=patch_size, channels=channels, dropout=dropout,
-                                       batchnorm=batchnorm, dtype=dtype)
+    options = dict(options or {})
+    init_from, freeze = options.pop("init_from", None), options.pop("freeze", ())
+    model = ARCHITECTURES[architecture](patch_size=patch_size, channels=channels, dropout=dropout,
+                                        batchnorm=batchnorm, dtype=dtype, **options)
+    if init_from:
+        source, _ = load(init_from)
+        names = {layer.name for layer in source.layers}
+        copied = [layer.name for layer in model.layers if layer.weights and layer.name in names]
+        if not copied:
+            raise ValueError(f"no layer of {init_from} matches a layer of the new {architecture} model")
+        for name in copied:
+            model.get_layer(name).set_weights(source.get_layer(name).get_weights())  # ValueError on a shape mismatch
+    for name in freeze:
+        model.get_layer(name).trainable = False  # ValueError for an unknown name
+    return model
+
+
+def first_convs(k: int, batchnorm: bool = True) -> list:
+    """HomographyNet's layers up to its k-th convolution that hold weights: conv1, bn1, ..., convk, bnk."""
+    return [n for i in range(1, k + 1) for n in ([f"conv{i}"] + ([f"bn{i}"] if batchnorm else []))]
 
 
 def read_config(model_dir: str) -> dict | None:
@@ -84,8 +163,9 @@ def load(model_dir: str):
     latest = tf.train.latest_checkpoint(os.path.join(model_dir, CHECKPOINT_DIR))
     if latest is None:
         raise FileNotFoundError(f"{model_dir} holds neither {MODEL_FILE} nor a checkpoint")
+    options = {k: v for k, v in (config.get("architecture_options") or {}).items() if k not in INIT_ONLY_OPTIONS}
     model = build(config["architecture"], config["patch_size"], config["channels"], config["dropout"],
-                  config["batchnorm"], dtype=dtype_policy(config.get("mixed_precision", "none")))
+                  config["batchnorm"], dtype=dtype_policy(config.get("mixed_precision", "none")), options=options)
     tf.train.Checkpoint(model=model).restore(latest).expect_partial()
     return model, config
 

@@ -145,11 +145,14 @@ def _export(model, path: str, patch_size: int, channels: int, rho: float) -> Non
     archive.write_out(path, verbose=False)
 
 
-def train(data_dir: str, model_dir: str, *, step_hook=None, **kwargs) -> dict:
+def train(data_dir: str, model_dir: str, *, step_hook=None, architecture_options: dict | None = None,
+          **kwargs) -> dict:
     """Trains (or resumes) a run; returns a summary dict (start_step, final_step, last history row, paths).
 
     kwargs: any key of DEFAULTS. step_hook(step) is called after each loop of steps (tests use it to
-    interrupt a run). Raises TrainError / data.DatasetError before any training for bad inputs.
+    interrupt a run). architecture_options: JSON-able options for network.build (the architecture's own,
+    init_from, freeze), recorded in config.json. Raises TrainError / data.DatasetError before any training
+    for bad inputs.
     """
     unknown = set(kwargs) - set(DEFAULTS)
     if unknown:
@@ -172,7 +175,7 @@ def train(data_dir: str, model_dir: str, *, step_hook=None, **kwargs) -> dict:
               "val_examples": val_cfg.num_examples if val_cfg else None,
               "replicas": replicas, "global_batch_size": global_batch,
               "devices": [d.name for d in gpus] or ["CPU"], "tensorflow": tf.__version__,
-              "keras": keras.__version__}
+              "keras": keras.__version__, "architecture_options": dict(architecture_options or {})}
     _check_model_dir(model_dir, config)
     os.makedirs(model_dir, exist_ok=True)
     rho = float(train_cfg.rho)
@@ -180,7 +183,8 @@ def train(data_dir: str, model_dir: str, *, step_hook=None, **kwargs) -> dict:
     with strategy.scope():
         keras.utils.set_random_seed(a["seed"])
         model = network.build(a["architecture"], train_cfg.patch_size, train_cfg.channels, a["dropout"],
-                              a["batchnorm"], dtype=network.dtype_policy(a["mixed_precision"]))
+                              a["batchnorm"], dtype=network.dtype_policy(a["mixed_precision"]),
+                              options=config["architecture_options"])
         schedule = keras.optimizers.schedules.ExponentialDecay(
             a["learning_rate"], a["lr_decay_steps"], a["lr_decay_factor"], staircase=True)
         optimizer = keras.optimizers.SGD(schedule, momentum=a["momentum"])
@@ -212,7 +216,10 @@ def train(data_dir: str, model_dir: str, *, step_hook=None, **kwargs) -> dict:
     def gradients(x, y):
         with tf.GradientTape() as tape:
             loss, mace = per_example(model(x, training=True), y)
-            scaled = optimizer.scale_loss(tf.reduce_sum(loss) / global_batch)
+            total = tf.reduce_sum(loss) / global_batch
+            if model.losses:  # weight regularisers (e.g. the transfer head's L2), counted once per global batch
+                total += tf.add_n(model.losses) / replicas
+            scaled = optimizer.scale_loss(total)
         return tape.gradient(scaled, model.trainable_variables), tf.reduce_sum(loss), tf.reduce_sum(mace)
 
     def replica_step(x, y):
