@@ -1,0 +1,113 @@
+"""model.predict: a known warp between two images of different sizes is recovered in their own pixel frames."""
+import os
+import subprocess
+import sys
+
+import cv2
+import numpy as np
+import pytest
+
+from model import predict
+from pipeline import geometry
+from tests.conftest import textured_image
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def warped_pair(tmp_path_factory):
+    """A (400 x 300) and B (300 x 360), B(v) = A(H_true v), written as PNG files; H_true maps B -> A.
+
+    H_true is built with pipeline.geometry: B's frame is squeezed onto a 256 x 256 square (a pure scale M),
+    then the 4-point homography of geometry.homography_ab moves that square's corners by up to 24 px
+    inside A. The truth is the matrix that made the warp, independent of predict's resizing.
+    """
+    root = tmp_path_factory.mktemp("predict")
+    a = textured_image(np.random.default_rng(5), 400, 300)
+    wb, hb = 300, 360
+    corners = geometry.patch_corners(70, 22, 256)
+    offsets = np.array([[-20, 10], [24, -16], [12, 18], [-14, -22]], np.float32)
+    h_true = geometry.homography_ab(corners, offsets) @ np.array(
+        [[256 / wb, 0, 70], [0, 256 / hb, 22], [0, 0, 1]], np.float64)
+    b = cv2.warpPerspective(a, h_true, (wb, hb), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+                            borderMode=cv2.BORDER_REPLICATE)
+    cv2.imwrite(str(root / "a.png"), a)
+    cv2.imwrite(str(root / "b.png"), b)
+    return str(root / "a.png"), str(root / "b.png"), h_true, (wb, hb)
+
+
+def corner_errors(h_pred, h_true, size_b):
+    """Where B's corners land in A under the prediction and the truth, distances in A's pixels."""
+    w, h = size_b
+    c = np.float64([[0, 0], [w - 1, 0], [w - 1, h - 1], [0, h - 1]]).reshape(1, 4, 2)
+    return np.linalg.norm(cv2.perspectiveTransform(c, h_pred) - cv2.perspectiveTransform(c, h_true), axis=-1)[0]
+
+
+def read(path):
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def test_sift_recovers_a_known_warp_in_the_original_frames(warped_pair):
+    path_a, path_b, h_true, size_b = warped_pair
+    pred = predict.predict_homography(read(path_a), read(path_b), "sift", patch_size=128, channels=1)
+    assert pred.ok, pred.reason
+    # 128 px stands for 300-400 px here, so 1 px of the resized frame is ~3 px of the originals.
+    errors = corner_errors(pred.homography, h_true, size_b)
+    assert errors.max() < 3.0, errors
+    # The identity of the resized frames is far off: the tolerance does discriminate.
+    assert corner_errors(predict.to_original_frames(np.eye(3), (400, 300), size_b, 128), h_true, size_b).min() > 15
+
+
+def test_scaling_back_is_exact_for_a_pure_resize(tmp_path):
+    """B = A resized (S_b = S_a^-1 S): the scaled-back H of an exact H_local equals the resize itself."""
+    for size_a, size_b in (((400, 300), (200, 150)), ((321, 257), (640, 480))):
+        # An A pixel x lands at S_a x in the P frame; a B pixel at S_b x: B -> A is S_a^-1 S_b, and
+        # H_local = I in the P frame.
+        h = predict.to_original_frames(np.eye(3), size_a, size_b, 128)
+        sa, sb = predict.scale_matrix(*size_a, 128), predict.scale_matrix(*size_b, 128)
+        np.testing.assert_allclose(h, np.linalg.inv(sa) @ sb, atol=1e-12)
+        # S is cv2.resize's own pixel-centre mapping (x' = sx (x + 0.5) - 0.5): a smooth blob's centre
+        # moves where S says. A plain x' = sx x would be off by (sx - 1) / 2, up to ~0.4 px here.
+        yy, xx = np.mgrid[:size_a[1], :size_a[0]]
+        centre = np.array([size_a[0] * 0.3, size_a[1] * 0.6])
+        blob = np.exp(-((xx - centre[0]) ** 2 + (yy - centre[1]) ** 2) / (2 * 12.0 ** 2)).astype(np.float32)
+        small = cv2.resize(blob, (128, 128), interpolation=cv2.INTER_AREA)
+        yy, xx = np.mgrid[:128, :128]
+        centroid = np.array([np.sum(xx * small), np.sum(yy * small)]) / small.sum()
+        np.testing.assert_allclose(centroid, (sa @ [*centre, 1.0])[:2], atol=0.05)
+
+
+def run_cli(*args):
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    return subprocess.run([sys.executable, "-m", "model.predict", *args], cwd=REPO, capture_output=True,
+                          text=True, env=env, timeout=300)
+
+
+def test_cli_prints_h_and_draws(warped_pair, tmp_path):
+    path_a, path_b, h_true, size_b = warped_pair
+    out = tmp_path / "vis.png"
+    proc = run_cli("--method=sift", f"--image_a={path_a}", f"--image_b={path_b}", f"--output={out}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [line for line in proc.stdout.splitlines() if line.strip().startswith(("[[", "[")) and "]" in line]
+    h = np.array([[float(v) for v in r.replace("[", " ").replace("]", " ").split()] for r in rows[:3]])
+    assert h.shape == (3, 3)
+    assert corner_errors(h, h_true, size_b).max() < 3.0
+    vis = cv2.imread(str(out))
+    assert vis is not None and vis.shape[1] > 400 + 300
+
+
+def test_cli_errors(warped_pair, tmp_path):
+    path_a, _, _, _ = warped_pair
+    for args, needle in (([f"--image_a={path_a}", f"--image_b={tmp_path}/none.png", "--method=sift"], "cannot read"),
+                         ([f"--image_a={path_a}", f"--image_b={path_a}"], "needs --model_dir"),
+                         ([f"--image_a={path_a}", f"--image_b={path_a}", f"--model_dir={tmp_path}"],
+                          "cannot load a model")):
+        proc = run_cli(*args)
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        assert "Traceback" not in proc.stderr
+        assert f"model.predict: error: " in proc.stderr and needle in proc.stderr, proc.stderr[-2000:]
+    not_an_image = tmp_path / "x.png"
+    not_an_image.write_bytes(b"not an image at all")
+    proc = run_cli(f"--image_a={not_an_image}", f"--image_b={path_a}", "--method=orb")
+    assert proc.returncode == 2 and "image_a" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
