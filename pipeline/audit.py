@@ -18,7 +18,7 @@ import time
 import apache_beam as beam
 from absl import app, flags, logging
 from apache_beam.io.filesystems import FileSystems
-from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions, TestOptions
 
 from pipeline import audit_report, audit_transforms as at, dataset_info, schema
 
@@ -118,12 +118,14 @@ def audit(data_dir: str, output_dir: str, *, residual_threshold: float = 1.0, ma
     options = PipelineOptions(beam_args or [])
     if not options.view_as(StandardOptions).runner:
         options.view_as(StandardOptions).runner = "DirectRunner"  # Prism would try to download itself
-    if "://" not in output_dir and not FileSystems.exists(output_dir):
+    if "://" not in output_dir and not FileSystems.exists(output_dir) and not options.view_as(TestOptions).dry_run:
         FileSystems.mkdirs(output_dir)
     started = time.time()
     pipeline = beam.Pipeline(options=options)
     build_pipeline(pipeline, info, output_dir, residual_threshold)
     result = pipeline.run()
+    if options.view_as(TestOptions).dry_run:  # job graph built (and, on Dataflow, checked), nothing ran
+        return {"dry_run": True, "job": getattr(result, "job", None)}
     result.wait_until_finish()
     raw_path = dataset_info.join(output_dir, RAW_RESULTS)
     with FileSystems.open(raw_path) as f:
@@ -181,6 +183,9 @@ def main(argv):
     except (AuditError, dataset_info.DatasetError) as e:
         print(f"pipeline.audit: error: {e}", file=sys.stderr)
         return 2
+    if report.get("dry_run"):
+        print("dry run: job graph built, nothing submitted")
+        return 0
     print(summary_text(report, FLAGS.output_dir))
     if not report["passed"]:
         print(f"pipeline.audit: FAILED hard checks: {', '.join(report['failed_hard_checks'])}", file=sys.stderr)

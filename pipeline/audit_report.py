@@ -66,7 +66,7 @@ def check_pairs_per_image(split, split_info, images):
         problems.append(f"{images['images']} images have pairs, dataset_info.json says {used} used")
     if images["wrong_pairs"]["count"]:
         problems.append(f"{images['wrong_pairs']['count']} images without exactly patch indices "
-                        f"0..{images.get('patches_per_image', '?')} - 1 (e.g. {images['wrong_pairs']['examples'][:2]})")
+                        f"0..{images['patches_per_image'] - 1} (e.g. {images['wrong_pairs']['examples'][:2]})")
     if images["failed_with_pairs"]["count"]:
         problems.append(f"{images['failed_with_pairs']['count']} images listed as failed have pairs "
                         f"(e.g. {images['failed_with_pairs']['examples'][:2]})")

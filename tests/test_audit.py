@@ -265,3 +265,14 @@ def test_cli_usage_errors_exit_2_without_traceback(tmp_path):
         assert "Traceback" not in proc.stderr and "pipeline.audit: error:" in proc.stderr
         stderr.append(proc.stderr)
     assert "no dataset_info.json" in stderr[0] and "residual_threshold" in stderr[1] and "--data_dir" in stderr[2]
+
+
+def test_dataflow_job_graph_builds(built_dataset, tmp_path):
+    result = audit.audit(built_dataset, "gs://dummy-bucket/report", beam_args=[
+        "--runner=DataflowRunner", "--dry_run=True", "--no_auth", "--project=dummy-project", "--region=us-central1",
+        "--temp_location=gs://dummy-bucket/tmp", "--sdk_location=container"])
+    assert result["dry_run"]
+    names = {t.unique_name for t in result["job"].proto_pipeline.components.transforms.values()}
+    for step in ("ReadShards/Read", "MeasurePairs/Measure", "SplitStatistics/Combine", "ResidualQuantiles/Quantiles",
+                 "PairsPerImage/Counts", "Leakage/Summarize", "Duplicates/Summarize", "WriteRaw"):
+        assert step in names, step
