@@ -69,11 +69,15 @@ def scale_labels(offsets, rho: float):
     return tf.cast(offsets, tf.float32) / float(rho)
 
 
-def _to_model_io(config: DataConfig):
+def _to_model_io(config: DataConfig, static_batch: int | None):
     def fn(serialized):
         parsed = schema.parse_batch(serialized, config.patch_size, config.channels)
-        return normalize(parsed[schema.PATCH_A], parsed[schema.PATCH_B]), \
-            scale_labels(parsed[schema.OFFSETS], config.rho)
+        x = normalize(parsed[schema.PATCH_A], parsed[schema.PATCH_B])
+        y = scale_labels(parsed[schema.OFFSETS], config.rho)
+        if static_batch:  # full batches only: give XLA and tf.distribute a static batch dimension
+            x = tf.ensure_shape(x, [static_batch, config.patch_size, config.patch_size, 2 * config.channels])
+            y = tf.ensure_shape(y, [static_batch, 8])
+        return x, y
     return fn
 
 
@@ -108,7 +112,7 @@ def make_dataset(data_dir: str, split: str, batch_size: int, *, training: bool, 
     if repeat:
         ds = ds.repeat()
     ds = ds.batch(batch_size, drop_remainder=drop_remainder)
-    ds = ds.map(_to_model_io(config), num_parallel_calls=AUTOTUNE, deterministic=not training)
+    ds = ds.map(_to_model_io(config, batch_size if drop_remainder else None), num_parallel_calls=AUTOTUNE, deterministic=not training)
     if training:
         options = tf.data.Options()
         options.deterministic = False

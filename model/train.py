@@ -231,15 +231,16 @@ def train(data_dir: str, model_dir: str, *, step_hook=None, architecture_options
 
     sum_ = tf.distribute.ReduceOp.SUM
 
-    @tf.function
+    @tf.function(autograph=False)  # an explicit while_loop: no source transformation to go wrong
     def train_loop(iterator, n):
-        loss_sum, mace_sum = tf.constant(0.0), tf.constant(0.0)
-        for _ in tf.range(n):
+        def body(i, loss_sum, mace_sum):
             x, y = next(iterator)
             l, m = strategy.run(replica_step, args=(x, y))
-            loss_sum += strategy.reduce(sum_, l, axis=None)
-            mace_sum += strategy.reduce(sum_, m, axis=None)
-            step_var.assign_add(1)
+            with tf.control_dependencies([step_var.assign_add(1)]):
+                return (i + 1, loss_sum + strategy.reduce(sum_, l, axis=None),
+                        mace_sum + strategy.reduce(sum_, m, axis=None))
+        _, loss_sum, mace_sum = tf.while_loop(lambda i, *_: i < n, body,
+                                              (tf.constant(0, tf.int64), tf.constant(0.0), tf.constant(0.0)))
         return loss_sum, mace_sum
 
     @tf.function
@@ -272,7 +273,7 @@ def train(data_dir: str, model_dir: str, *, step_hook=None, architecture_options
         return every and (step % every == 0 or step == steps)
 
     def lr_at(step):
-        return float(schedule(step))
+        return round(float(schedule(step)), 12)  # float32 -> readable decimal
 
     step = start_step
     acc_loss = acc_mace = tf.constant(0.0)
@@ -287,8 +288,6 @@ def train(data_dir: str, model_dir: str, *, step_hook=None, architecture_options
             acc_loss, acc_mace = acc_loss + loss_sum, acc_mace + mace_sum  # stays on device until logged
             step += n
             acc_steps += n
-            if step_hook:
-                step_hook(step)
             row = None
             if due(step, a["log_every"]) or due(step, a["val_every"]):
                 dt = max(time.time() - t_interval, 1e-9)
@@ -311,6 +310,8 @@ def train(data_dir: str, model_dir: str, *, step_hook=None, architecture_options
                 manager.save(checkpoint_number=step)
             if row and row["val_mace"] is not None:
                 plot_mace(history, os.path.join(model_dir, "mace.png"), os.path.basename(os.path.abspath(model_dir)))
+            if step_hook:
+                step_hook(step)
     except KeyboardInterrupt:
         # Ctrl-C (or SIGTERM from the CLI): keep every finished step. step_var moves with the model.
         done = int(step_var.numpy())
@@ -358,30 +359,34 @@ def _scalar_summary(tf, tag: str, value: float) -> None:
 
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("data_dir", None, "Built dataset (holds dataset_info.json)")
-flags.DEFINE_string("model_dir", None, "Run directory: checkpoints, logs, history, final model; reused to resume")
-flags.DEFINE_integer("steps", DEFAULTS["steps"], "Total training steps (the paper: 90,000)")
-flags.DEFINE_integer("batch_size", DEFAULTS["batch_size"], "Batch size per replica (global = this x replicas)")
-flags.DEFINE_float("learning_rate", DEFAULTS["learning_rate"], "Initial SGD learning rate")
-flags.DEFINE_float("momentum", DEFAULTS["momentum"], "SGD momentum")
-flags.DEFINE_integer("lr_decay_steps", DEFAULTS["lr_decay_steps"], "Multiply the learning rate by lr_decay_factor every N steps")
-flags.DEFINE_float("lr_decay_factor", DEFAULTS["lr_decay_factor"], "Staircase decay factor")
-flags.DEFINE_integer("val_every", DEFAULTS["val_every"], "Validate every N steps (and at the end); 0 = never")
-flags.DEFINE_integer("val_batches", DEFAULTS["val_batches"], "Validation batches per check; 0 = the whole split")
-flags.DEFINE_integer("checkpoint_every", DEFAULTS["checkpoint_every"], "Checkpoint every N steps")
-flags.DEFINE_integer("log_every", DEFAULTS["log_every"], "Log line and history row every N steps")
-flags.DEFINE_integer("steps_per_loop", DEFAULTS["steps_per_loop"], "Steps run inside one tf.function call (less Python overhead on GPU)")
-flags.DEFINE_integer("shuffle_buffer", DEFAULTS["shuffle_buffer"], "Shuffle buffer, in pairs")
-flags.DEFINE_bool("dropout", True, "Dropout 0.5 before the two dense layers (--nodropout for the ablation)")
-flags.DEFINE_bool("batchnorm", True, "Batch norm after each conv (--nobatchnorm for the ablation)")
-flags.DEFINE_bool("no_dropout", False, "Same as --nodropout (the issue's spelling)")
-flags.DEFINE_bool("no_batchnorm", False, "Same as --nobatchnorm (the issue's spelling)")
-flags.DEFINE_enum("mixed_precision", "none", ["none", "bfloat16", "float16"], "Mixed precision (float16 uses loss scaling)")
-flags.DEFINE_bool("jit_compile", False, "XLA-compile the forward and backward pass")
-flags.DEFINE_enum("architecture", DEFAULTS["architecture"], list(network.ARCHITECTURES), "Network")
-flags.DEFINE_integer("seed", 0, "Seed for initialisation, dropout and shuffling")
-flags.DEFINE_string("train_split", "train", "Split to train on")
-flags.DEFINE_string("val_split", "validation", "Split to validate on")
+
+
+def _define_flags():
+    """Defined when the CLI runs, not at import: other modules (pipeline.build, model.evaluate) use the same names."""
+    flags.DEFINE_string("data_dir", None, "Built dataset (holds dataset_info.json)")
+    flags.DEFINE_string("model_dir", None, "Run directory: checkpoints, logs, history, final model; reused to resume")
+    flags.DEFINE_integer("steps", DEFAULTS["steps"], "Total training steps (the paper: 90,000)")
+    flags.DEFINE_integer("batch_size", DEFAULTS["batch_size"], "Batch size per replica (global = this x replicas)")
+    flags.DEFINE_float("learning_rate", DEFAULTS["learning_rate"], "Initial SGD learning rate")
+    flags.DEFINE_float("momentum", DEFAULTS["momentum"], "SGD momentum")
+    flags.DEFINE_integer("lr_decay_steps", DEFAULTS["lr_decay_steps"], "Multiply the learning rate by lr_decay_factor every N steps")
+    flags.DEFINE_float("lr_decay_factor", DEFAULTS["lr_decay_factor"], "Staircase decay factor")
+    flags.DEFINE_integer("val_every", DEFAULTS["val_every"], "Validate every N steps (and at the end); 0 = never")
+    flags.DEFINE_integer("val_batches", DEFAULTS["val_batches"], "Validation batches per check; 0 = the whole split")
+    flags.DEFINE_integer("checkpoint_every", DEFAULTS["checkpoint_every"], "Checkpoint every N steps")
+    flags.DEFINE_integer("log_every", DEFAULTS["log_every"], "Log line and history row every N steps")
+    flags.DEFINE_integer("steps_per_loop", DEFAULTS["steps_per_loop"], "Steps run inside one tf.function call (less Python overhead on GPU)")
+    flags.DEFINE_integer("shuffle_buffer", DEFAULTS["shuffle_buffer"], "Shuffle buffer, in pairs")
+    flags.DEFINE_bool("dropout", True, "Dropout 0.5 before the two dense layers (--nodropout for the ablation)")
+    flags.DEFINE_bool("batchnorm", True, "Batch norm after each conv (--nobatchnorm for the ablation)")
+    flags.DEFINE_bool("no_dropout", False, "Same as --nodropout (the issue's spelling)")
+    flags.DEFINE_bool("no_batchnorm", False, "Same as --nobatchnorm (the issue's spelling)")
+    flags.DEFINE_enum("mixed_precision", "none", ["none", "bfloat16", "float16"], "Mixed precision (float16 uses loss scaling)")
+    flags.DEFINE_bool("jit_compile", False, "XLA-compile the forward and backward pass")
+    flags.DEFINE_enum("architecture", DEFAULTS["architecture"], list(network.ARCHITECTURES), "Network")
+    flags.DEFINE_integer("seed", 0, "Seed for initialisation, dropout and shuffling")
+    flags.DEFINE_string("train_split", "train", "Split to train on")
+    flags.DEFINE_string("val_split", "validation", "Split to validate on")
 
 
 def main(argv):
@@ -423,6 +428,7 @@ def _parse_flags(argv):
 
 
 def run():
+    _define_flags()
     app.run(main, flags_parser=_parse_flags)
 
 

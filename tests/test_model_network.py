@@ -1,0 +1,76 @@
+"""model/network.py: HomographyNet's layer structure, ablation flags, predict_offsets."""
+import keras
+import numpy as np
+import pytest
+
+from model import data, network
+
+
+def layers_of(model, kind):
+    return [l for l in model.layers if isinstance(l, kind)]
+
+
+def test_layer_structure_matches_the_paper():
+    m = network.build_homographynet()
+    assert m.input_shape == (None, 128, 128, 2) and m.output_shape == (None, 8)
+    convs = layers_of(m, keras.layers.Conv2D)
+    assert [c.filters for c in convs] == [64, 64, 64, 64, 128, 128, 128, 128]
+    assert all(c.kernel_size == (3, 3) and c.padding == "same" for c in convs)
+    assert len(layers_of(m, keras.layers.BatchNormalization)) == 8
+    pools = layers_of(m, keras.layers.MaxPooling2D)
+    assert len(pools) == 3 and all(p.pool_size == (2, 2) for p in pools)
+    # Pools come after the 2nd, 4th and 6th conv; each conv is followed by BN then ReLU.
+    order = [type(l).__name__ for l in m.layers if not isinstance(l, keras.layers.InputLayer)]
+    blocks = " ".join(order).split("Conv2D")[1:]
+    assert [("MaxPooling2D" in b) for b in blocks] == [False, True, False, True, False, True, False, False]
+    assert all(b.split()[:2] == ["BatchNormalization", "Activation"] for b in blocks)
+    assert all(l.activation.__name__ == "relu" for l in layers_of(m, keras.layers.Activation))
+    drops = layers_of(m, keras.layers.Dropout)
+    assert [d.rate for d in drops] == [0.5, 0.5]
+    dense = layers_of(m, keras.layers.Dense)
+    assert [(d.units, d.activation.__name__) for d in dense] == [(1024, "relu"), (8, "linear")]
+    assert order[-5:] == ["Flatten", "Dropout", "Dense", "Dropout", "Dense"]  # dropout before each dense
+    # Plain Keras layers only: no TF ops inside the model (it must run on another Keras backend).
+    assert all(type(l).__module__.startswith("keras.") for l in m.layers)
+    filters = [64, 64, 64, 64, 128, 128, 128, 128]
+    convs_params = sum(9 * i * o for i, o in zip([2] + filters[:-1], filters))
+    bn_params = 4 * (4 * 64 + 4 * 128)
+    dense_params = 16 * 16 * 128 * 1024 + 1024 + 1024 * 8 + 8
+    assert m.count_params() == convs_params + bn_params + dense_params  # convs without bias under BN
+
+
+def test_ablation_flags_remove_layers():
+    m = network.build_homographynet(patch_size=32, dropout=False)
+    assert not layers_of(m, keras.layers.Dropout) and len(layers_of(m, keras.layers.BatchNormalization)) == 8
+    m = network.build_homographynet(patch_size=32, batchnorm=False)
+    assert not layers_of(m, keras.layers.BatchNormalization) and len(layers_of(m, keras.layers.Dropout)) == 2
+    assert all(c.use_bias for c in layers_of(m, keras.layers.Conv2D))
+    assert len(layers_of(m, keras.layers.Conv2D)) == 8
+
+
+def test_colour_input_and_registry():
+    assert network.ARCHITECTURES["homographynet"] is network.build_homographynet
+    m = network.build("homographynet", patch_size=64, channels=3)
+    assert m.input_shape == (None, 64, 64, 6)
+    with pytest.raises(ValueError, match="unknown architecture"):
+        network.build("resnet", 64, 1)
+
+
+def test_mixed_precision_keeps_a_float32_output():
+    m = network.build_homographynet(patch_size=32, dtype="mixed_bfloat16")
+    assert m.get_layer("conv1").compute_dtype == "bfloat16"
+    assert m.get_layer("offsets").compute_dtype == "float32"
+    assert m(np.zeros((2, 32, 32, 2), np.float32)).dtype == "float32"
+
+
+def test_predict_offsets_is_model_output_times_rho():
+    m = network.build_homographynet(patch_size=32)
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 256, (5, 32, 32, 1), dtype=np.uint8)
+    b = rng.integers(0, 256, (5, 32, 32, 1), dtype=np.uint8)
+    got = network.predict_offsets(m, a, b, rho=8, batch_size=2)  # batches of 2, 2, 1
+    assert got.shape == (5, 8) and got.dtype == np.float32
+    want = np.asarray(m(data.normalize(a, b), training=False)) * 8
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="patches must both be"):
+        network.predict_offsets(m, a, b[:3], rho=8)
