@@ -88,6 +88,16 @@ def test_label_residual_small_for_true_label_large_for_wrong_ones(pair):
     assert flipped > 5 and swapped > 5
 
 
+def test_label_residual_colour():
+    rng = np.random.default_rng(4)
+    image = textured_image(rng, 320, 240)
+    offsets = geometry.sample_offsets(rng, 32)
+    p = geometry.make_pair(image, 40, 60, offsets, 128)
+    assert p.patch_a.shape == (128, 128, 3)
+    assert at.label_residual(p.patch_a, p.patch_b, offsets, 128)[0] < 0.2
+    assert at.label_residual(p.patch_a, p.patch_b, -offsets, 128)[0] > 5
+
+
 def test_offset_and_corner_problems():
     cfg = geometry.PairConfig()
     ok = np.zeros(8, np.float32)
