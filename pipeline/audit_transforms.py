@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import struct
 
 import apache_beam as beam
 import cv2
 import numpy as np
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
+from apache_beam.io.tfrecordio import _TFRecordUtil  # Beam's TFRecord framing, as the builder writes it
 from apache_beam.metrics import Metrics
 
 from pipeline import geometry, schema
@@ -40,34 +40,19 @@ class ShardReadError(ValueError):
     """A shard that cannot be read to its end (truncated, corrupt, or unparsable record)."""
 
 
-def _masked_crc(data: bytes) -> int:
-    import google_crc32c
-    crc = google_crc32c.value(data)
-    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
-
-
 def iter_tfrecords(f):
-    """Yields the payloads of a TFRecord stream; raises ShardReadError naming the byte offset on damage.
-
-    Frame: uint64 length, uint32 masked crc32c(length), data, uint32 masked crc32c(data), little endian.
-    """
-    pos = 0
+    """Yields the payloads of a TFRecord stream, read and crc-checked by Beam's own framing code;
+    raises ShardReadError naming the record and the kind of damage (Beam's message carries a hex dump)."""
+    index = 0
     while True:
-        header = f.read(12)
-        if not header:
+        try:
+            data = _TFRecordUtil.read_record(f)
+        except ValueError as e:
+            kind = "truncated" if "Fewer than" in str(e) else "corrupt (checksum mismatch)"
+            raise ShardReadError(f"{kind} at record {index}") from e
+        if data is None:
             return
-        if len(header) < 12:
-            raise ShardReadError(f"truncated record header at byte {pos}")
-        length, length_crc = struct.unpack("<QI", header)
-        if _masked_crc(header[:8]) != length_crc:
-            raise ShardReadError(f"corrupt record length at byte {pos}")
-        body = f.read(length + 4)
-        if len(body) < length + 4:
-            raise ShardReadError(f"truncated record at byte {pos}: {len(body)} of {length + 4} bytes")
-        data, (data_crc,) = body[:length], struct.unpack("<I", body[length:])
-        if _masked_crc(data) != data_crc:
-            raise ShardReadError(f"corrupt record data at byte {pos}")
-        pos += 12 + length + 4
+        index += 1
         yield data
 
 
