@@ -10,6 +10,7 @@ mace_report.json, mace_report.md, mace_bar.png, mace_histograms.png, pair_<k>.pn
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import os
 import sys
@@ -77,6 +78,7 @@ def load_network(model_dir: str, patch_size: int, channels: int):
 class _Collected:
     offsets: list = dataclasses.field(default_factory=list)  # (4, 2) per pair
     ok: list = dataclasses.field(default_factory=list)
+    reasons: collections.Counter = dataclasses.field(default_factory=collections.Counter)
     seconds: float = 0.0
 
 
@@ -86,17 +88,23 @@ def _run_batch(batch: dict, names: list, collected: dict, model, model_rho: floa
         start = time.perf_counter()
         if name == "network":
             out = methods_lib.network_offsets(model, a, b, model_rho)
+            finite = np.isfinite(out).all(axis=(1, 2))  # a diverged model: scored as the identity, counted
+            out[~finite] = 0.0
             collected[name].offsets.extend(out)
-            collected[name].ok.extend([True] * len(out))
+            collected[name].ok.extend(finite.tolist())
+            if not finite.all():
+                collected[name].reasons["non-finite output"] += int((~finite).sum())
         else:
             for pa, pb in zip(a, b):
                 e = methods_lib.estimate(name, pa, pb)
                 collected[name].offsets.append(e.offsets)
                 collected[name].ok.append(e.ok)
+                if not e.ok:  # counted by kind: the text before any detail in parentheses or after ':'
+                    collected[name].reasons[e.reason.split(" (")[0].split(":")[0]] += 1
         collected[name].seconds += time.perf_counter() - start
 
 
-def summarise(errors: np.ndarray, ok: np.ndarray, seconds: float) -> dict:
+def summarise(errors: np.ndarray, ok: np.ndarray, seconds: float, reasons: dict) -> dict:
     """One method's row. Rounded once here: the JSON and the Markdown both print these values."""
     n = len(errors)
     return {"num_pairs": n,
@@ -105,12 +113,13 @@ def summarise(errors: np.ndarray, ok: np.ndarray, seconds: float) -> dict:
             "p90_mace": round(float(np.percentile(errors, 90)), 3),
             "failure_rate": round(float(1.0 - ok.mean()), 4),
             "failures": int(n - ok.sum()),
-            "seconds_per_pair": float(f"{seconds / n:.3g}")}
+            "seconds_per_pair": float(f"{seconds / n:.3g}"),
+            "failure_reasons": dict(sorted(reasons.items(), key=lambda kv: -kv[1]))}
 
 
 def evaluate(data_dir: str, split: str, output_dir: str, *, model_dir: str | None = None,
              methods: list | None = None, max_pairs: int = 0, num_visualizations: int = 6,
-             batch_size: int = 64, log_every: int = 100) -> dict:
+             batch_size: int = 64, log_every: int = 100, command: str | None = None) -> dict:
     """Runs every method on the split's pairs, writes the report files, returns the report dict.
 
     Raises model.data.DatasetError (missing index, unknown or empty split) or EvaluationError.
@@ -156,12 +165,13 @@ def evaluate(data_dir: str, split: str, output_dir: str, *, model_dir: str | Non
                                                                         "architecture", "steps")}}
                   if run else None),
         "num_pairs": int(seen),
-        "methods": {n: summarise(errors[n], np.asarray(collected[n].ok), collected[n].seconds) for n in names},
+        "methods": {n: summarise(errors[n], np.asarray(collected[n].ok), collected[n].seconds,
+                                  collected[n].reasons) for n in names},
         "identity_check": {"expected_mace": round(IDENTITY_MACE_PER_RHO * rho, 3),
                            "measured_mace": round(float(geometry.mace(np.zeros_like(true_offsets),
                                                                       true_offsets).mean()), 3)},
         "figures": {},
-        "command": " ".join(sys.argv),
+        "command": command,  # the CLI's command line; None for a library call
         "generated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     _write(report, errors, true_offsets, collected, kept, output_dir)
@@ -242,7 +252,8 @@ def main(argv):
         report = evaluate(FLAGS.data_dir, FLAGS.split, FLAGS.output_dir, model_dir=FLAGS.model_dir,
                           methods=FLAGS.methods, max_pairs=FLAGS.max_pairs,
                           num_visualizations=FLAGS.num_visualizations, batch_size=FLAGS.batch_size,
-                          log_every=FLAGS.log_every)
+                          log_every=FLAGS.log_every,
+                          command=" ".join(["python -m model.evaluate", *sys.argv[1:]]))
     except (EvaluationError, DatasetError) as e:
         return _fail(str(e))
     print(summary_text(report, FLAGS.output_dir))

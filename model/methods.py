@@ -201,7 +201,7 @@ def ecc(patch_a: np.ndarray, patch_b: np.ndarray) -> Estimate:
     except cv2.error as e:
         return identity_estimate(p, f"ECC failed: {_cv_message(e)}")
     if not np.isfinite(rho_corr) or rho_corr < ECC_MIN_CORRELATION:
-        return identity_estimate(p, f"ECC correlation {rho_corr:.2f} < {ECC_MIN_CORRELATION}")
+        return identity_estimate(p, f"ECC correlation too low ({rho_corr:.2f} < {ECC_MIN_CORRELATION})")
     return from_homography(w / w[2, 2], p)
 
 

@@ -49,6 +49,8 @@ def test_orb_beats_the_identity_on_real_pairs(classical_report):
     m = classical_report[0]["methods"]
     assert m["orb"]["mean_mace"] < 0.5 * m["identity"]["mean_mace"]
     assert m["orb"]["median_mace"] < 5
+    for entry in m.values():  # every failure is explained
+        assert sum(entry["failure_reasons"].values()) == entry["failures"]
 
 
 def test_json_and_markdown_agree(classical_report):
@@ -168,3 +170,17 @@ def test_cli_writes_the_report_with_the_network(built_dataset, tiny_run, tmp_pat
     with open(tmp_path / report.JSON_FILE) as f:
         assert list(json.load(f)["methods"]) == ["identity", "network"]
     shutil.rmtree(tmp_path)
+
+
+def test_predict_cli_with_the_network(tiny_run, tmp_path):
+    import cv2
+
+    from tests.conftest import textured_image
+
+    image = textured_image(np.random.default_rng(2), 320, 240)
+    cv2.imwrite(str(tmp_path / "a.jpg"), image)
+    cv2.imwrite(str(tmp_path / "b.jpg"), cv2.resize(image[20:220, 30:300], (200, 150)))
+    proc = run_cli("model.predict", f"--model_dir={tiny_run}", f"--image_a={tmp_path}/a.jpg",
+                   f"--image_b={tmp_path}/b.jpg", f"--output={tmp_path}/vis.png")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "H (network;" in proc.stdout and (tmp_path / "vis.png").exists()
