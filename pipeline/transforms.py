@@ -66,6 +66,7 @@ class _WriteShardFn(beam.DoFn):
         self._num_shards = num_shards
         self._config = config
         self._reduced_decode = reduced_decode
+        self._images_listed = Metrics.counter(NAMESPACE, f"{split}_images_listed")
         self._images_used = Metrics.counter(NAMESPACE, f"{split}_images_used")
         self._pairs = Metrics.counter(NAMESPACE, f"{split}_pairs_written")
         self._shards = Metrics.counter(NAMESPACE, f"{split}_shards_written")
@@ -106,6 +107,7 @@ class _WriteShardFn(beam.DoFn):
                     count += 1
                 used += 1
                 self._seconds.update(int(1000 * (time.time() - t_image)))
+        self._images_listed.inc(len(records))
         self._images_used.inc(used)
         self._pairs.inc(count)
         self._shards.inc()

@@ -98,6 +98,9 @@ def test_bad_inputs_are_skipped_counted_and_listed(tmp_path):
     s = info["splits"]["train"]
     assert (s["images_listed"], s["images_used"], s["images_failed"], s["num_examples"]) == (10, 5, 5, 10)
     assert s["failed_by_reason"] == {"empty": 1, "missing": 1, "truncated": 1, "undecodable": 2}
+    metrics = info["build"]["metrics"]  # the Beam counters agree with the index
+    assert (metrics["train_images_listed"], metrics["train_images_used"], metrics["train_pairs_written"]) == (10, 5, 10)
+    assert metrics["train_images_failed_undecodable"] == 2 and metrics["train_images_failed_missing"] == 1
     failed = [json.loads(line) for line in open(os.path.join(out, "failed_images-train.jsonl"))]
     assert [(f["image_id"], f["reason"]) for f in failed] == [
         (6, "truncated"), (7, "empty"), (8, "undecodable"), (9, "undecodable"), (10, "missing")]
