@@ -19,7 +19,7 @@ AUTOTUNE = tf.data.AUTOTUNE
 MAX_CYCLE_LENGTH = 16  # shards read at once; more only adds open files and memory
 
 __all__ = ["DatasetError", "DataConfig", "dataset_config", "normalize", "scale_labels",
-           "make_dataset", "read_batches"]
+           "make_dataset", "read_batches", "input_throughput"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,9 +34,6 @@ class DataConfig:
     split: str
     num_examples: int
     shard_files: tuple
-
-    def as_dict(self) -> dict:
-        return {k: v for k, v in dataclasses.asdict(self).items() if k not in ("shard_files",)}
 
 
 def dataset_config(data_dir: str, split: str) -> DataConfig:
@@ -129,3 +126,54 @@ def read_batches(data_dir: str, split: str, batch_size: int) -> tf.data.Dataset:
     ds = _records(config, training=False, seed=None).batch(batch_size)
     ds = ds.map(lambda s: schema.parse_batch(s, config.patch_size, config.channels), num_parallel_calls=AUTOTUNE)
     return ds.prefetch(AUTOTUNE)
+
+
+def input_throughput(data_dir: str, split: str = "train", batch_size: int = 64, batches: int = 200,
+                     shuffle_buffer: int = 10000) -> dict:
+    """Pairs/s the training input pipeline delivers alone (no model): compare with the training log's
+    ex/s. If training runs at about this rate, the input pipeline is the bottleneck."""
+    import time
+
+    ds = make_dataset(data_dir, split, batch_size, training=True, shuffle_buffer=shuffle_buffer)
+    it = iter(ds)
+    for _ in range(min(20, batches)):  # warm up: fill the shuffle buffer, open the shards
+        next(it)
+    start = time.perf_counter()
+    for _ in range(batches):
+        next(it)
+    seconds = time.perf_counter() - start
+    return {"batches": batches, "batch_size": batch_size, "seconds": round(seconds, 3),
+            "pairs_per_sec": round(batches * batch_size / seconds, 1),
+            "batches_per_sec": round(batches / seconds, 2)}
+
+
+def _cli():
+    """python -m model.data --data_dir=OUT [--split=train --batch_size=64 --batches=200]: input pipeline speed."""
+    import json
+    import sys
+
+    from absl import app, flags
+
+    flags.DEFINE_string("data_dir", None, "Built dataset (holds dataset_info.json)")
+    flags.DEFINE_string("split", "train", "Split to read")
+    flags.DEFINE_integer("batch_size", 64, "Pairs per batch")
+    flags.DEFINE_integer("batches", 200, "Batches timed (after 20 warm-up batches)")
+    flags.DEFINE_integer("shuffle_buffer", 10000, "Shuffle buffer, in pairs")
+    FLAGS = flags.FLAGS
+
+    def main(argv):
+        try:
+            if not FLAGS.data_dir:
+                raise ValueError("--data_dir is required")
+            print(json.dumps(input_throughput(FLAGS.data_dir, FLAGS.split, FLAGS.batch_size, FLAGS.batches,
+                                              FLAGS.shuffle_buffer)))
+        except ValueError as e:  # DatasetError is a ValueError
+            print(f"model.data: error: {e}", file=sys.stderr)
+            return 2
+        return 0
+
+    app.run(main)
+
+
+if __name__ == "__main__":
+    _cli()

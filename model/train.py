@@ -40,7 +40,7 @@ class TrainError(ValueError):
 
 
 DEFAULTS = dict(steps=90000, batch_size=64, learning_rate=0.005, momentum=0.9, lr_decay_steps=30000,
-                lr_decay_factor=0.1, val_every=1000, val_batches=0, checkpoint_every=1000, log_every=100,
+                lr_decay_factor=0.1, clip_norm=0.0, val_every=1000, val_batches=0, checkpoint_every=1000, log_every=100,
                 steps_per_loop=10, shuffle_buffer=10000, dropout=True, batchnorm=True, mixed_precision="none",
                 jit_compile=False, architecture="homographynet", seed=0, train_split="train",
                 val_split="validation", max_checkpoints=3)
@@ -53,6 +53,8 @@ def _check_args(a: dict) -> None:
     for k in ("val_every", "val_batches", "shuffle_buffer"):
         if int(a[k]) < 0:
             raise TrainError(f"--{k} must be >= 0, got {a[k]}")
+    if a["clip_norm"] < 0:
+        raise TrainError(f"--clip_norm must be >= 0 (0 = off), got {a['clip_norm']}")
     if a["learning_rate"] <= 0 or not 0 <= a["momentum"] < 1 or not 0 < a["lr_decay_factor"] <= 1:
         raise TrainError(f"need learning_rate > 0, 0 <= momentum < 1, 0 < lr_decay_factor <= 1; got "
                          f"{a['learning_rate']}, {a['momentum']}, {a['lr_decay_factor']}")
@@ -187,7 +189,7 @@ def train(data_dir: str, model_dir: str, *, step_hook=None, architecture_options
                               options=config["architecture_options"])
         schedule = keras.optimizers.schedules.ExponentialDecay(
             a["learning_rate"], a["lr_decay_steps"], a["lr_decay_factor"], staircase=True)
-        optimizer = keras.optimizers.SGD(schedule, momentum=a["momentum"])
+        optimizer = keras.optimizers.SGD(schedule, momentum=a["momentum"], global_clipnorm=a["clip_norm"] or None)
         if a["mixed_precision"] == "float16":
             optimizer = keras.optimizers.LossScaleOptimizer(optimizer)  # dynamic loss scaling
         optimizer.build(model.trainable_variables)  # optimizer slots must exist before a restore
@@ -212,7 +214,9 @@ def train(data_dir: str, model_dir: str, *, step_hook=None, architecture_options
         err = tf.reshape((pred - y) * rho, (-1, 4, 2))
         return loss, tf.reduce_mean(tf.norm(err, axis=-1), axis=-1)
 
-    @tf.function(jit_compile=a["jit_compile"])
+    # autograph=False everywhere: no Python control flow on tensors here, and autograph re-reads the
+    # source file (editing it under a running job broke a run).
+    @tf.function(jit_compile=a["jit_compile"], autograph=False)
     def gradients(x, y):
         with tf.GradientTape() as tape:
             loss, mace = per_example(model(x, training=True), y)
@@ -231,7 +235,7 @@ def train(data_dir: str, model_dir: str, *, step_hook=None, architecture_options
 
     sum_ = tf.distribute.ReduceOp.SUM
 
-    @tf.function(autograph=False)  # an explicit while_loop: no source transformation to go wrong
+    @tf.function(autograph=False)  # hence an explicit while_loop
     def train_loop(iterator, n):
         def body(i, loss_sum, mace_sum):
             x, y = next(iterator)
@@ -243,7 +247,7 @@ def train(data_dir: str, model_dir: str, *, step_hook=None, architecture_options
                                               (tf.constant(0, tf.int64), tf.constant(0.0), tf.constant(0.0)))
         return loss_sum, mace_sum
 
-    @tf.function
+    @tf.function(autograph=False)
     def val_step(x, y):
         def fn(x, y):
             loss, mace = per_example(model(x, training=False), y)
@@ -273,7 +277,7 @@ def train(data_dir: str, model_dir: str, *, step_hook=None, architecture_options
         return every and (step % every == 0 or step == steps)
 
     def lr_at(step):
-        return round(float(schedule(step)), 12)  # float32 -> readable decimal
+        return float(f"{float(schedule(step)):.7g}")  # float32 -> readable decimal
 
     step = start_step
     acc_loss = acc_mace = tf.constant(0.0)
@@ -371,6 +375,7 @@ def _define_flags():
     flags.DEFINE_float("momentum", DEFAULTS["momentum"], "SGD momentum")
     flags.DEFINE_integer("lr_decay_steps", DEFAULTS["lr_decay_steps"], "Multiply the learning rate by lr_decay_factor every N steps")
     flags.DEFINE_float("lr_decay_factor", DEFAULTS["lr_decay_factor"], "Staircase decay factor")
+    flags.DEFINE_float("clip_norm", DEFAULTS["clip_norm"], "Clip the global gradient norm to this (0 = off, the paper)")
     flags.DEFINE_integer("val_every", DEFAULTS["val_every"], "Validate every N steps (and at the end); 0 = never")
     flags.DEFINE_integer("val_batches", DEFAULTS["val_batches"], "Validation batches per check; 0 = the whole split")
     flags.DEFINE_integer("checkpoint_every", DEFAULTS["checkpoint_every"], "Checkpoint every N steps")

@@ -98,3 +98,8 @@ def test_clear_errors(built_dataset, tmp_path):
         data.read_batches(copy_index(built_dataset, tmp_path / "m", lambda raw: None), "validation", 8)
     with pytest.raises(ValueError, match="batch_size"):
         data.make_dataset(built_dataset, "train", 0, training=True)
+
+
+def test_input_throughput_reports_pairs_per_second(built_dataset):
+    r = data.input_throughput(built_dataset, "train", batch_size=8, batches=3, shuffle_buffer=16)
+    assert r["batches"] == 3 and r["pairs_per_sec"] > 0 and r["seconds"] > 0
