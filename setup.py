@@ -6,6 +6,7 @@ import setuptools
 
 REQUIRED = [
     "tensorflow==2.21.*",
+    "tensorboard==2.21.*",  # TF 2.21 no longer pulls it in; `tensorboard --logdir RUN/logs`
     "apache-beam[gcp]==2.77.*",
     "google-crc32c",
     "opencv-python-headless==5.0.*",
