@@ -307,10 +307,30 @@ def run_variant(s: Settings, v: Variant) -> dict:
     return result
 
 
+def check_tower_weights(s: Settings) -> None:
+    """Fails before any work when the towers' weights cannot be had (no such file; 'imagenet' offline)."""
+    if not s.tower_weights:
+        return
+    if s.tower_weights != "imagenet":
+        if not os.path.exists(s.tower_weights):
+            raise ExperimentError(f"--tower_weights {s.tower_weights}: no such file")
+        return
+    import keras
+
+    try:  # downloads into ~/.keras once; the towers then load from there
+        keras.applications.MobileNetV2(input_shape=(s.scale.patch_size,) * 2 + (3,), alpha=s.scale.tower_alpha,
+                                       include_top=False, weights="imagenet")
+    except Exception as e:  # Keras raises a bare Exception for a failed download
+        raise ExperimentError(f"--tower_weights=imagenet: cannot get the ImageNet weights ({e}); pass a weights "
+                              f"file, or no --tower_weights for random towers") from e
+
+
 def run_sweep(s: Settings, variants=None) -> dict:
     """Every selected variant (datasets built and classical methods run on the way), then the report."""
     t0 = time.time()
     chosen = select(variants)
+    if any(v.architecture == "mobilenetv2_towers" for v in chosen):
+        check_tower_weights(s)
     _log(s, "start", f"sweep {s.scale_name}", variants=[v.name for v in chosen])
     results = [run_variant(s, v) for v in chosen]
     classical = {}
@@ -546,8 +566,6 @@ def _fail(message: str) -> int:
 def main(argv):
     if not FLAGS.coco_dir or not FLAGS.output_dir:
         return _fail("--coco_dir and --output_dir are required")
-    if FLAGS.tower_weights and FLAGS.tower_weights != "imagenet" and not os.path.exists(FLAGS.tower_weights):
-        return _fail(f"--tower_weights {FLAGS.tower_weights}: no such file")
     from model.data import DatasetError
     from model.evaluate import EvaluationError
     from model.train import TrainError

@@ -162,3 +162,20 @@ def test_select_adds_the_source_of_a_finetune_and_refuses_unknown_names():
     assert [v.name for v in experiments.select(["finetune_from_rho20"])] == ["rho20", "finetune_from_rho20"]
     with pytest.raises(experiments.ExperimentError, match="unknown variant"):
         experiments.select(["rho33"])
+
+
+def test_tower_weights_from_a_file(tmp_path):
+    import keras
+
+    keras.utils.set_random_seed(1)
+    source = network.build("mobilenetv2_towers", 32, 1, options={"alpha": 0.35})
+    path = str(tmp_path / "tower.weights.h5")
+    source.get_layer("tower_a").save_weights(path)
+    keras.utils.set_random_seed(2)
+    model = network.build("mobilenetv2_towers", 32, 1, options={"alpha": 0.35, "weights": path})
+    for tower in ("tower_a", "tower_b"):  # both towers start from the file
+        assert _same([np.asarray(w) for w in model.get_layer(tower).get_weights()],
+                     [np.asarray(w) for w in source.get_layer("tower_a").get_weights()])
+    s = experiments.Settings("unused", str(tmp_path), experiments.SCALES["smoke"], tower_weights=str(tmp_path / "no.h5"))
+    with pytest.raises(experiments.ExperimentError, match="no such file"):
+        experiments.run_sweep(s, ["mobilenetv2_towers"])
