@@ -23,12 +23,14 @@ CHECKPOINT_DIR = "checkpoints"
 
 
 def build_homographynet(patch_size: int = 128, channels: int = 1, dropout: bool = True, batchnorm: bool = True,
-                        dtype=None, name: str = "homographynet") -> keras.Model:
+                        dtype=None, name: str = "homographynet", bn_momentum: float = 0.99) -> keras.Model:
     """Eight 3x3 convs (64,64,64,64,128,128,128,128), each conv -> [BN] -> ReLU; 2x2 max-pool after the
     2nd, 4th and 6th; [dropout 0.5] -> dense 1024 ReLU -> [dropout 0.5] -> dense 8, linear.
 
     dtype: a Keras dtype policy for every layer ("mixed_bfloat16", "mixed_float16"); the output layer
     always computes in float32 so the regression and its loss stay in full precision.
+    bn_momentum: of BN's moving statistics (Keras's 0.99 averages ~100 steps: right for the paper's 90,000
+    steps; a run of a few hundred steps needs ~0.9, or its inference-mode statistics lag its weights).
     """
     inputs = keras.Input((patch_size, patch_size, 2 * channels), name="patches")
     x = inputs
@@ -36,7 +38,7 @@ def build_homographynet(patch_size: int = 128, channels: int = 1, dropout: bool 
         # With BN the conv bias is redundant (BN's beta takes its role).
         x = keras.layers.Conv2D(filters, 3, padding="same", use_bias=not batchnorm, dtype=dtype, name=f"conv{i}")(x)
         if batchnorm:
-            x = keras.layers.BatchNormalization(dtype=dtype, name=f"bn{i}")(x)
+            x = keras.layers.BatchNormalization(momentum=bn_momentum, dtype=dtype, name=f"bn{i}")(x)
         x = keras.layers.Activation("relu", dtype=dtype, name=f"relu{i}")(x)
         if i in POOL_AFTER:
             x = keras.layers.MaxPooling2D(2, dtype=dtype, name=f"pool{POOL_AFTER.index(i) + 1}")(x)

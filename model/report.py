@@ -103,6 +103,8 @@ def bar_chart(report: dict, path: str) -> None:
                label=f"0.765 rho = {report['identity_check']['expected_mace']} px")
     ax.set_ylabel("mean average corner error (px)")
     ax.set_title(f"MACE on {report['num_pairs']} {report['dataset']['split']} pairs (rho {report['dataset']['config']['rho']})")
+    top = max(means + [report["identity_check"]["expected_mace"]])
+    ax.set_ylim(0, 1.3 * top if np.isfinite(top) and top > 0 else 1)  # headroom: labels and legend clear of bars
     ax.legend(loc="upper right")
     fig.tight_layout()
     fig.savefig(path, dpi=100)

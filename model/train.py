@@ -400,6 +400,8 @@ def _define_flags():
     flags.DEFINE_bool("no_dropout", False, "Same as --nodropout (the issue's spelling)")
     flags.DEFINE_bool("no_batchnorm", False, "Same as --nobatchnorm (the issue's spelling)")
     flags.DEFINE_enum("mixed_precision", "none", ["none", "bfloat16", "float16"], "Mixed precision (float16 uses loss scaling)")
+    flags.DEFINE_float("bn_momentum", 0.99, "Momentum of batch norm's moving statistics (homographynet); "
+                       "0.9 for runs of a few hundred steps")
     flags.DEFINE_bool("jit_compile", False, "XLA-compile the forward and backward pass")
     flags.DEFINE_enum("architecture", DEFAULTS["architecture"], list(network.ARCHITECTURES), "Network")
     flags.DEFINE_integer("seed", 0, "Seed for initialisation, dropout and shuffling")
@@ -421,7 +423,8 @@ def main(argv):
 
     signal.signal(signal.SIGTERM, on_sigterm)
     try:
-        result = train(FLAGS.data_dir, FLAGS.model_dir, **args)
+        options = {"bn_momentum": FLAGS.bn_momentum} if FLAGS.architecture == "homographynet" else None
+        result = train(FLAGS.data_dir, FLAGS.model_dir, architecture_options=options, **args)
     except (TrainError, data.DatasetError) as e:
         return _fail(str(e))
     except KeyboardInterrupt:
