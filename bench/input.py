@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import pathlib
 import tempfile
-import time
 
 from absl import app, flags
 
@@ -45,17 +44,6 @@ def per_record_dataset(data_dir: str, batch_size: int):
     return ds.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
 
 
-def pairs_per_second(ds, batch_size: int, batches: int) -> float:
-    it = iter(ds)
-    for _ in range(20):
-        next(it)
-    t0 = time.perf_counter()
-    for _ in range(batches):
-        x, _ = next(it)
-    x.numpy()
-    return batches * batch_size / (time.perf_counter() - t0)
-
-
 def main(argv):
     del argv
     from model import data
@@ -65,11 +53,11 @@ def main(argv):
     b, n = FLAGS.batch_size, FLAGS.batches
     print(f"machine: {os.cpu_count()} cores; data: {data_dir}; batch {b}; {n} batches per variant")
     rates = {
-        "make_dataset (batch, then parse the batch)": pairs_per_second(
-            data.make_dataset(data_dir, "train", b, training=True), b, n),
-        "parse each record, then batch": pairs_per_second(per_record_dataset(data_dir, b), b, n),
-        "make_dataset without shuffle": pairs_per_second(
-            data.make_dataset(data_dir, "train", b, training=True, shuffle_buffer=0), b, n),
+        "make_dataset (batch, then parse the batch)": data.pairs_per_second(
+            data.make_dataset(data_dir, "train", b, training=True), n),
+        "parse each record, then batch": data.pairs_per_second(per_record_dataset(data_dir, b), n),
+        "make_dataset without shuffle": data.pairs_per_second(
+            data.make_dataset(data_dir, "train", b, training=True, shuffle_buffer=0), n),
     }
     for name, rate in rates.items():
         print(f"  {name:<45} {rate:9.0f} pairs/s")

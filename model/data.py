@@ -128,23 +128,30 @@ def read_batches(data_dir: str, split: str, batch_size: int) -> tf.data.Dataset:
     return ds.prefetch(AUTOTUNE)
 
 
+def pairs_per_second(ds: tf.data.Dataset, batches: int, warmup: int = 20) -> float:
+    """Pairs/s a dataset of (inputs, labels) batches delivers, timed over `batches` after `warmup` batches
+    (the shuffle buffer filled, the shards open)."""
+    import time
+
+    it = iter(ds)
+    for _ in range(warmup):
+        next(it)
+    pairs, start = 0, time.perf_counter()
+    for _ in range(batches):
+        x, _ = next(it)
+        pairs += int(x.shape[0])
+    return pairs / (time.perf_counter() - start)
+
+
 def input_throughput(data_dir: str, split: str = "train", batch_size: int = 64, batches: int = 200,
                      shuffle_buffer: int = 10000) -> dict:
     """Pairs/s the training input pipeline delivers alone (no model): compare with the training log's
     ex/s. If training runs at about this rate, the input pipeline is the bottleneck."""
-    import time
-
     ds = make_dataset(data_dir, split, batch_size, training=True, shuffle_buffer=shuffle_buffer)
-    it = iter(ds)
-    for _ in range(min(20, batches)):  # warm up: fill the shuffle buffer, open the shards
-        next(it)
-    start = time.perf_counter()
-    for _ in range(batches):
-        next(it)
-    seconds = time.perf_counter() - start
-    return {"batches": batches, "batch_size": batch_size, "seconds": round(seconds, 3),
-            "pairs_per_sec": round(batches * batch_size / seconds, 1),
-            "batches_per_sec": round(batches / seconds, 2)}
+    rate = pairs_per_second(ds, batches, warmup=min(20, batches))
+    return {"batches": batches, "batch_size": batch_size, "seconds": round(batches * batch_size / rate, 3),
+            "pairs_per_sec": round(rate, 1),
+            "batches_per_sec": round(rate / batch_size, 2)}
 
 
 def _cli():
