@@ -80,7 +80,10 @@ def headline(figures: dict) -> None:
     """The closing lines every benchmark ends with: one name=value per headline figure."""
     print()
     for name, value in figures.items():
-        print(f"{name}={value:.4g}" if isinstance(value, float) else f"{name}={value}")
+        if isinstance(value, float):
+            print(f"{name}={value:.0f}" if abs(value) >= 1000 else f"{name}={value:.4g}")
+        else:
+            print(f"{name}={value}")
 
 
 def dataset_dir(data_dir: str | None, workdir: pathlib.Path) -> str:

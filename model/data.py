@@ -8,6 +8,7 @@ Training and evaluation read through here, so there is one normalisation and one
 from __future__ import annotations
 
 import dataclasses
+import sys
 
 import numpy as np
 import tensorflow as tf
@@ -57,8 +58,18 @@ def normalize(patch_a, patch_b):
     if isinstance(patch_a, np.ndarray) and isinstance(patch_b, np.ndarray):
         x = np.concatenate([patch_a, patch_b], axis=-1).astype(np.float32)
         return x / np.float32(127.5) - np.float32(1.0)
-    x = tf.cast(tf.concat([patch_a, patch_b], axis=-1), tf.float32)
+    x = tf.cast(_stack_channels(tf.convert_to_tensor(patch_a), tf.convert_to_tensor(patch_b)), tf.float32)
     return x / 127.5 - 1.0
+
+
+def _stack_channels(a: tf.Tensor, b: tf.Tensor) -> tf.Tensor:
+    """tf.concat([a, b], -1), fast for one uint8 channel each: a channel-axis concat of 1-byte elements is a
+    strided copy (~10k pairs/s on 2 cores); packing each pixel pair into a uint16 and bitcasting back to
+    bytes gives the same (..., P, P, 2) tensor ~6x faster (bench.input)."""
+    if a.dtype == tf.uint8 and b.dtype == tf.uint8 and a.shape[-1] == 1 and b.shape[-1] == 1 \
+            and sys.byteorder == "little":  # little-endian: the low byte (patch A) comes first
+        return tf.bitcast(tf.cast(a[..., 0], tf.uint16) + tf.cast(b[..., 0], tf.uint16) * 256, tf.uint8)
+    return tf.concat([a, b], axis=-1)
 
 
 def scale_labels(offsets, rho: float):

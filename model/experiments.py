@@ -521,15 +521,11 @@ FLAGS = flags.FLAGS
 
 
 def _define_flags():
-    """Defined when the CLI runs. pipeline.build defines coco_dir and output_dir at import; ours replace them."""
-    import pipeline.build  # noqa: F401  (its flags first, so that ours override them)
-
-    flags.DEFINE_string("coco_dir", None, "COCO 2017 root (train2017/, val2017/, annotations/)", allow_override=True)
-    flags.DEFINE_string("output_dir", None, "Sweep folder: datasets, runs, report; reused to resume",
-                        allow_override=True)
+    """Defined when the CLI runs, not at import (pipeline.build and model.train use the same names)."""
+    flags.DEFINE_string("coco_dir", None, "COCO 2017 root (train2017/, val2017/, annotations/)")
+    flags.DEFINE_string("output_dir", None, "Sweep folder: datasets, runs, report; reused to resume")
     flags.DEFINE_string("splits", "", "OUTPUT_SPLIT=COCO_SPLIT list (train and validation); default: the scale's "
-                        "(full: train=test2017,validation=val2017; smoke: train=train2017,validation=val2017)",
-                        allow_override=True)
+                        "(full: train=test2017,validation=val2017; smoke: train=train2017,validation=val2017)")
     flags.DEFINE_enum("scale", "smoke", list(SCALES), "smoke: this CPU in minutes; full: the paper's schedule (GPU)")
     flags.DEFINE_list("variants", None, f"Comma list of {', '.join(VARIANTS_BY_NAME)}; default: all")
     flags.DEFINE_string("tower_weights", "", "MobileNetV2 tower weights: a headless weights file, 'imagenet' "

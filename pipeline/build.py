@@ -155,21 +155,25 @@ def summary_text(info: dict, output_dir: str) -> str:
 
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("coco_dir", None, "COCO 2017 root (images in <split>/, annotations/ beside); local or gs://")
-flags.DEFINE_string("output_dir", None, "Where the shards, failed_images-*.jsonl and dataset_info.json go")
-flags.DEFINE_string("splits", DEFAULT_SPLITS, "Comma list of OUTPUT_SPLIT=COCO_SPLIT")
-flags.DEFINE_integer("rho", 32, "Maximum corner perturbation in pixels")
-flags.DEFINE_integer("patch_size", 128, "Patch side P in pixels")
-flags.DEFINE_integer("image_width", 320, "Width the images are resized to")
-flags.DEFINE_integer("image_height", 240, "Height the images are resized to")
-flags.DEFINE_integer("patches_per_image", 10, "Pairs generated per image")
-flags.DEFINE_integer("seed", 0, "Seed; each image's draws come from (seed, split, image id)")
-flags.DEFINE_integer("max_images", 0, "Use only the first N images (by id) of each split; 0 = all")
-flags.DEFINE_integer("num_shards", 0, "Shards per split; 0 = automatic (~64 MiB each, at least 8)")
-flags.DEFINE_bool("color", False, "3-channel (BGR) patches instead of grayscale")
-flags.DEFINE_string("dataset_name", "homography", "Prefix of the shard files")
-flags.DEFINE_bool("overwrite", False, "Replace a dataset already in output_dir")
-flags.DEFINE_bool("reduced_decode", True, "Decode large JPEGs at 1/2, 1/4 or 1/8 size (needs sizes from the annotations)")
+
+
+def _define_flags():
+    """Defined when the CLI runs, not at import: other commands import build() and define their own flags."""
+    flags.DEFINE_string("coco_dir", None, "COCO 2017 root (images in <split>/, annotations/ beside); local or gs://")
+    flags.DEFINE_string("output_dir", None, "Where the shards, failed_images-*.jsonl and dataset_info.json go")
+    flags.DEFINE_string("splits", DEFAULT_SPLITS, "Comma list of OUTPUT_SPLIT=COCO_SPLIT")
+    flags.DEFINE_integer("rho", 32, "Maximum corner perturbation in pixels")
+    flags.DEFINE_integer("patch_size", 128, "Patch side P in pixels")
+    flags.DEFINE_integer("image_width", 320, "Width the images are resized to")
+    flags.DEFINE_integer("image_height", 240, "Height the images are resized to")
+    flags.DEFINE_integer("patches_per_image", 10, "Pairs generated per image")
+    flags.DEFINE_integer("seed", 0, "Seed; each image's draws come from (seed, split, image id)")
+    flags.DEFINE_integer("max_images", 0, "Use only the first N images (by id) of each split; 0 = all")
+    flags.DEFINE_integer("num_shards", 0, "Shards per split; 0 = automatic (~64 MiB each, at least 8)")
+    flags.DEFINE_bool("color", False, "3-channel (BGR) patches instead of grayscale")
+    flags.DEFINE_string("dataset_name", "homography", "Prefix of the shard files")
+    flags.DEFINE_bool("overwrite", False, "Replace a dataset already in output_dir")
+    flags.DEFINE_bool("reduced_decode", True, "Decode large JPEGs at 1/2, 1/4 or 1/8 size (needs sizes from the annotations)")
 
 
 def main(argv):
@@ -194,6 +198,7 @@ def main(argv):
 
 def run():
     # absl parses its own flags and leaves the rest (--runner, --project, ...) to Beam.
+    _define_flags()
     app.run(main, flags_parser=lambda argv: FLAGS(argv, known_only=True))
 
 
