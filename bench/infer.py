@@ -12,7 +12,6 @@ import pathlib
 import tempfile
 import time
 
-import numpy as np
 from absl import app, flags
 
 from bench.common import dataset_dir, headline

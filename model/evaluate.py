@@ -17,11 +17,11 @@ import sys
 import time
 
 import numpy as np
-from absl import app, flags, logging
+from absl import flags, logging
 
 from model import methods as methods_lib
 from model import report as report_lib
-from pipeline import geometry
+from pipeline import cli, geometry
 
 IDENTITY_MACE_PER_RHO = 0.765  # E|u - 0| over the square [-1, 1]^2: the identity's MACE is 0.765 * rho
 
@@ -237,8 +237,7 @@ def _define_flags():
 
 
 def _fail(message: str) -> int:
-    print(f"model.evaluate: error: {message}", file=sys.stderr)
-    return 2
+    return cli.fail("model.evaluate", message)
 
 
 def main(argv):
@@ -260,16 +259,8 @@ def main(argv):
     return 0
 
 
-def _parse_flags(argv):
-    try:
-        return FLAGS(argv)
-    except flags.Error as e:  # a bad or unknown flag: one line, exit 2, like the other errors
-        sys.exit(_fail(str(e)))
-
-
 def run():
-    _define_flags()
-    app.run(main, flags_parser=_parse_flags)
+    cli.run("model.evaluate", main, _define_flags)
 
 
 if __name__ == "__main__":

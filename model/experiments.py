@@ -27,12 +27,12 @@ import dataclasses
 import json
 import math
 import os
-import sys
 import time
 
-from absl import app, flags, logging
+from absl import flags, logging
 
 from model import network
+from pipeline import cli
 
 CLASSICAL_METHODS = ("identity", "orb", "sift", "ecc")
 REPORT_JSON, REPORT_MD = "report.json", "report.md"
@@ -555,8 +555,7 @@ def settings_from_flags(beam_args: list) -> Settings:
 
 
 def _fail(message: str) -> int:
-    print(f"model.experiments: error: {message}", file=sys.stderr)
-    return 2
+    return cli.fail("model.experiments", message)
 
 
 def main(argv):
@@ -578,9 +577,7 @@ def main(argv):
 
 
 def run():
-    _define_flags()
-    # absl takes its flags and leaves the rest (--runner, --direct_num_workers, ...) to Beam, as pipeline.build does.
-    app.run(main, flags_parser=lambda argv: FLAGS(argv, known_only=True))
+    cli.run("model.experiments", main, _define_flags, beam_args=True)
 
 
 if __name__ == "__main__":

@@ -33,10 +33,10 @@ import sys
 
 import cv2
 import numpy as np
-from absl import app, flags
+from absl import flags
 
 from model import methods as methods_lib
-from pipeline import coco, geometry
+from pipeline import cli, coco, geometry
 
 
 class PredictError(ValueError):
@@ -153,8 +153,7 @@ def _define_flags():
 
 
 def _fail(message: str) -> int:
-    print(f"model.predict: error: {message}", file=sys.stderr)
-    return 2
+    return cli.fail("model.predict", message)
 
 
 def main(argv):
@@ -196,16 +195,8 @@ def _load(model_dir: str):
         raise PredictError(str(e)) from e
 
 
-def _parse_flags(argv):
-    try:
-        return FLAGS(argv)
-    except flags.Error as e:  # a bad or unknown flag: one line, exit 2, like the other errors
-        sys.exit(_fail(str(e)))
-
-
 def run():
-    _define_flags()
-    app.run(main, flags_parser=_parse_flags)
+    cli.run("model.predict", main, _define_flags)
 
 
 if __name__ == "__main__":

@@ -28,9 +28,10 @@ import signal
 import sys
 import time
 
-from absl import app, flags, logging
+from absl import flags, logging
 
 from model import data, network
+from pipeline import cli
 
 HISTORY_FIELDS = ("step", "learning_rate", "train_loss", "train_mace", "val_loss", "val_mace", "val_identity_mace",
                   "steps_per_sec", "examples_per_sec", "elapsed_s")
@@ -437,20 +438,11 @@ def main(argv):
 
 
 def _fail(message: str) -> int:
-    print(f"model.train: error: {message}", file=sys.stderr)
-    return 2
-
-
-def _parse_flags(argv):
-    try:
-        return FLAGS(argv)
-    except flags.Error as e:  # bad or unknown flag: one line, exit 2, like the other errors
-        sys.exit(_fail(str(e)))
+    return cli.fail("model.train", message)
 
 
 def run():
-    _define_flags()
-    app.run(main, flags_parser=_parse_flags)
+    cli.run("model.train", main, _define_flags)
 
 
 if __name__ == "__main__":

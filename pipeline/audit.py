@@ -16,11 +16,11 @@ import sys
 import time
 
 import apache_beam as beam
-from absl import app, flags, logging
+from absl import flags, logging
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions, TestOptions
 
-from pipeline import audit_report, audit_transforms as at, dataset_info, schema
+from pipeline import audit_report, audit_transforms as at, cli, dataset_info, schema
 
 RAW_RESULTS = "audit_raw.json"  # the job's output; the driver turns it into audit.json, then removes it
 
@@ -193,18 +193,8 @@ def main(argv):
     return 0
 
 
-def _parse_flags(argv):
-    """absl takes its flags and leaves the rest (--runner, --project, ...) to Beam; bad values exit 2."""
-    try:
-        return FLAGS(argv, known_only=True)
-    except flags.Error as e:
-        print(f"pipeline.audit: error: {e}", file=sys.stderr)
-        sys.exit(2)
-
-
 def run():
-    _define_flags()
-    app.run(main, flags_parser=_parse_flags)
+    cli.run("pipeline.audit", main, _define_flags, beam_args=True)
 
 
 if __name__ == "__main__":

@@ -11,11 +11,11 @@ import sys
 import time
 
 import apache_beam as beam
-from absl import app, flags, logging
+from absl import flags, logging
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions, TestOptions
 
-from pipeline import coco, dataset_info, schema, transforms
+from pipeline import cli, coco, dataset_info, schema, transforms
 from pipeline.geometry import PairConfig
 
 DEFAULT_SPLITS = "train=train2017,validation=val2017"
@@ -178,7 +178,7 @@ def _define_flags():
 
 def main(argv):
     if not FLAGS.coco_dir or not FLAGS.output_dir:
-        raise app.UsageError("--coco_dir and --output_dir are required")
+        return cli.fail("pipeline.build", "--coco_dir and --output_dir are required")
     config = PairConfig(patch_size=FLAGS.patch_size, rho=FLAGS.rho, image_width=FLAGS.image_width,
                         image_height=FLAGS.image_height, channels=3 if FLAGS.color else 1,
                         patches_per_image=FLAGS.patches_per_image, seed=FLAGS.seed)
@@ -187,8 +187,7 @@ def main(argv):
                      num_shards=FLAGS.num_shards, max_images=FLAGS.max_images, overwrite=FLAGS.overwrite,
                      name=FLAGS.dataset_name, reduced_decode=FLAGS.reduced_decode, beam_args=argv[1:])
     except (BuildError, dataset_info.DatasetError) as e:
-        print(f"pipeline.build: error: {e}", file=sys.stderr)
-        return 2
+        return cli.fail("pipeline.build", str(e))
     if info.get("dry_run"):
         print("dry run: job graph built, nothing submitted")
         return 0
@@ -197,9 +196,7 @@ def main(argv):
 
 
 def run():
-    # absl parses its own flags and leaves the rest (--runner, --project, ...) to Beam.
-    _define_flags()
-    app.run(main, flags_parser=lambda argv: FLAGS(argv, known_only=True))
+    cli.run("pipeline.build", main, _define_flags, beam_args=True)
 
 
 if __name__ == "__main__":
