@@ -3,7 +3,7 @@ steps fed by one batch held in memory (the input's cost is the difference).
 
   python -m bench.train [--data_dir=OUT] [--batch_size=64] [--steps=20] [--patch_size=0]
 
-The step is model.train's: HomographyNet forward + backward, Euclidean loss on scaled offsets, SGD with
+The step is model.train's, for each of --architectures (the paper's HomographyNet and the compact one): forward + backward, Euclidean loss on scaled offsets, SGD with
 momentum, inside a tf.function loop of steps. On this CPU a step is compute-bound, so the ratio says
 little about a GPU; on a GPU box run the same command (BUILD_NOTES.md says what to expect).
 """
@@ -21,6 +21,7 @@ from bench.common import dataset_dir, headline
 flags.DEFINE_string("data_dir", None, "A built dataset (default: coco_mini built into a temporary folder)")
 flags.DEFINE_integer("batch_size", 64, "Batch size")
 flags.DEFINE_integer("steps", 20, "Timed steps per variant (after 3 warm-up steps)")
+flags.DEFINE_list("architectures", ["homographynet", "compact"], "Networks to time, each fed both ways")
 FLAGS = flags.FLAGS
 
 
@@ -39,7 +40,27 @@ def main(argv):
     print(f"machine: {os.cpu_count()} cores, {len(gpus)} GPU(s); data: {data_dir}; batch {b}; "
           f"patch {cfg.patch_size}x{cfg.patch_size}x{2 * cfg.channels}")
 
-    model = network.build("homographynet", cfg.patch_size, cfg.channels)
+    def timed(architecture):
+        model = network.build(architecture, cfg.patch_size, cfg.channels)
+        print(f"{architecture}: {model.count_params():,} parameters")
+        return _rates(model, keras, tf, data_dir, b)
+
+    rates = {a: timed(a) for a in FLAGS.architectures}
+    figures = {}
+    for a, r in rates.items():
+        for name, rate in r.items():
+            print(f"  {a:<14} train steps fed by {name:<22} {rate:8.1f} samples/s")
+        figures[f"{a}_train_samples_per_s_in_memory"] = r["in-memory batch"]
+        figures[f"{a}_train_samples_per_s_real_input"] = r["real input pipeline"]
+        figures[f"{a}_input_cost_fraction"] = 1 - r["real input pipeline"] / r["in-memory batch"]
+    if "homographynet" in rates and "compact" in rates:
+        figures["compact_speedup"] = rates["compact"]["in-memory batch"] / rates["homographynet"]["in-memory batch"]
+    headline(figures)
+
+
+def _rates(model, keras, tf, data_dir, b):
+    from model import data
+
     optimizer = keras.optimizers.SGD(0.005, momentum=0.9)
 
     @tf.function
@@ -62,12 +83,7 @@ def main(argv):
 
     real = data.make_dataset(data_dir, "train", b, training=True)
     one_batch = tf.data.Dataset.from_tensors(next(iter(real))).repeat()
-    rates = {"in-memory batch": samples_per_second(one_batch), "real input pipeline": samples_per_second(real)}
-    for name, rate in rates.items():
-        print(f"  train steps fed by {name:<22} {rate:8.1f} samples/s")
-    headline({"train_samples_per_s_in_memory": rates["in-memory batch"],
-              "train_samples_per_s_real_input": rates["real input pipeline"],
-              "input_cost_fraction": 1 - rates["real input pipeline"] / rates["in-memory batch"]})
+    return {"in-memory batch": samples_per_second(one_batch), "real input pipeline": samples_per_second(real)}
 
 
 if __name__ == "__main__":

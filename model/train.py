@@ -49,7 +49,9 @@ class TrainError(ValueError):
     """A run that must not start; the message names the problem."""
 
 
-DEFAULTS = dict(steps=90000, batch_size=64, learning_rate=0.005, momentum=0.9, lr_decay_steps=30000,
+OPTIMIZERS = {"sgd": "SGD with --momentum (the paper)", "adam": "Adam (beta_1 = --momentum)"}
+
+DEFAULTS = dict(steps=90000, batch_size=64, optimizer="sgd", learning_rate=0.005, momentum=0.9, lr_decay_steps=30000,
                 lr_decay_factor=0.1, loss="l2_distance", clip_norm=0.0, val_every=1000, val_batches=0, checkpoint_every=1000, log_every=100,
                 steps_per_loop=10, shuffle_buffer=10000, dropout=True, batchnorm=True, mixed_precision="none",
                 jit_compile=False, architecture="homographynet", seed=0, train_split="train",
@@ -63,6 +65,8 @@ def _check_args(a: dict) -> None:
     for k in ("val_every", "val_batches", "shuffle_buffer"):
         if int(a[k]) < 0:
             raise TrainError(f"--{k} must be >= 0, got {a[k]}")
+    if a["optimizer"] not in OPTIMIZERS:
+        raise TrainError(f"unknown --optimizer '{a['optimizer']}'; known: {', '.join(OPTIMIZERS)}")
     if a["loss"] not in LOSSES:
         raise TrainError(f"unknown --loss '{a['loss']}'; known: {', '.join(LOSSES)}")
     if a["clip_norm"] < 0:
@@ -201,7 +205,10 @@ def train(data_dir: str, model_dir: str, *, step_hook=None, architecture_options
                               options=config["architecture_options"])
         schedule = keras.optimizers.schedules.ExponentialDecay(
             a["learning_rate"], a["lr_decay_steps"], a["lr_decay_factor"], staircase=True)
-        optimizer = keras.optimizers.SGD(schedule, momentum=a["momentum"], global_clipnorm=a["clip_norm"] or None)
+        if a["optimizer"] == "adam":
+            optimizer = keras.optimizers.Adam(schedule, beta_1=a["momentum"], global_clipnorm=a["clip_norm"] or None)
+        else:
+            optimizer = keras.optimizers.SGD(schedule, momentum=a["momentum"], global_clipnorm=a["clip_norm"] or None)
         if a["mixed_precision"] == "float16":
             optimizer = keras.optimizers.LossScaleOptimizer(optimizer)  # dynamic loss scaling
         optimizer.build(model.trainable_variables)  # optimizer slots must exist before a restore
@@ -384,8 +391,9 @@ def _define_flags():
     flags.DEFINE_string("model_dir", None, "Run directory: checkpoints, logs, history, final model; reused to resume")
     flags.DEFINE_integer("steps", DEFAULTS["steps"], "Total training steps (the paper: 90,000)")
     flags.DEFINE_integer("batch_size", DEFAULTS["batch_size"], "Batch size per replica (global = this x replicas)")
-    flags.DEFINE_float("learning_rate", DEFAULTS["learning_rate"], "Initial SGD learning rate")
-    flags.DEFINE_float("momentum", DEFAULTS["momentum"], "SGD momentum")
+    flags.DEFINE_enum("optimizer", DEFAULTS["optimizer"], list(OPTIMIZERS), "; ".join(f"{k}: {v}" for k, v in OPTIMIZERS.items()))
+    flags.DEFINE_float("learning_rate", DEFAULTS["learning_rate"], "Initial learning rate")
+    flags.DEFINE_float("momentum", DEFAULTS["momentum"], "SGD momentum (Adam's beta_1)")
     flags.DEFINE_integer("lr_decay_steps", DEFAULTS["lr_decay_steps"], "Multiply the learning rate by lr_decay_factor every N steps")
     flags.DEFINE_float("lr_decay_factor", DEFAULTS["lr_decay_factor"], "Staircase decay factor")
     flags.DEFINE_enum("loss", DEFAULTS["loss"], list(LOSSES), "; ".join(f"{k}: {v}" for k, v in LOSSES.items()))
@@ -424,7 +432,7 @@ def main(argv):
 
     signal.signal(signal.SIGTERM, on_sigterm)
     try:
-        options = {"bn_momentum": FLAGS.bn_momentum} if FLAGS.architecture == "homographynet" else None
+        options = {"bn_momentum": FLAGS.bn_momentum} if FLAGS.architecture in ("homographynet", "compact") else None
         result = train(FLAGS.data_dir, FLAGS.model_dir, architecture_options=options, **args)
     except (TrainError, data.DatasetError) as e:
         return _fail(str(e))
