@@ -20,6 +20,15 @@ DROPOUT_RATE = 0.5
 MODEL_FILE = "model.keras"
 CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoints"
+# Weights trained by the project and shipped with it (a run directory: model.keras, config.json, CARD.md).
+# Commands that take --model_dir use them when it is not given.
+SHIPPED_MODEL_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "weights",
+                                 "compact_rho32")
+
+
+def shipped_model_dir() -> str | None:
+    """The shipped run directory, or None when this checkout has no trained weights in it."""
+    return SHIPPED_MODEL_DIR if os.path.exists(os.path.join(SHIPPED_MODEL_DIR, MODEL_FILE)) else None
 
 
 def build_homographynet(patch_size: int = 128, channels: int = 1, dropout: bool = True, batchnorm: bool = True,
