@@ -7,7 +7,7 @@ import setuptools
 REQUIRED = [
     "tensorflow==2.21.*",
     "tensorboard==2.21.*",  # TF 2.21 no longer pulls it in; `tensorboard --logdir RUN/logs`
-    "apache-beam[gcp]==2.77.*",
+    "apache-beam[gcp,dask]==2.77.*",  # dask: --runner=DaskRunner on a dask.distributed cluster
     "google-crc32c",
     "opencv-python-headless==5.0.*",
     "numpy<2.5",
