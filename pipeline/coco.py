@@ -1,4 +1,6 @@
-"""Listing COCO 2017 splits and decoding their images. Paths go through Beam's FileSystems (gs:// works).
+"""Listing COCO 2017 splits and decoding their images. Remote paths (gs://...) go through Beam's FileSystems;
+local ones through plain file I/O, so that listing and decoding also work where Beam is not installed
+(the local builder on a bare GPU box).
 
 A split is listed from annotations/instances_<split>.json, else annotations/image_info_<split>.json
 (test2017 ships only that), else from the files of the <split>/ folder.
@@ -7,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import glob
 import io
 import json
 import os
@@ -15,11 +18,33 @@ import zlib
 
 import cv2
 import numpy as np
-from apache_beam.io.filesystems import FileSystems
-
 from pipeline.dataset_info import join
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+
+
+def _remote(path: str) -> bool:
+    return "://" in path
+
+
+def _filesystems():
+    from apache_beam.io.filesystems import FileSystems  # only for remote paths: Beam is optional locally
+
+    return FileSystems
+
+
+def _open(path: str):
+    return _filesystems().open(path) if _remote(path) else open(path, "rb")
+
+
+def _exists(path: str) -> bool:
+    return _filesystems().exists(path) if _remote(path) else os.path.exists(path)
+
+
+def _match(pattern: str) -> list:
+    if _remote(pattern):
+        return [m.path for m in _filesystems().match([pattern])[0].metadata_list]
+    return [p for p in glob.glob(pattern) if os.path.isfile(p)]
 
 
 class ListingError(ValueError):
@@ -44,7 +69,7 @@ def _load_coco_images(path: str) -> list:
     from pycocotools.coco import COCO  # noqa: local import keeps workers that never list light
 
     try:
-        with FileSystems.open(path) as f:
+        with _open(path) as f:
             dataset = json.loads(f.read().decode("utf-8"))
     except (ValueError, UnicodeDecodeError) as e:
         raise ListingError(f"malformed annotation file {path}: {e}") from e
@@ -72,11 +97,11 @@ def image_id_from_name(file_name: str) -> int:
 
 def list_split(coco_dir: str, split: str) -> tuple[list, str]:
     """(image records sorted by id, description of the source). Raises ListingError on bad input."""
-    if not FileSystems.exists(coco_dir):
+    if not _exists(coco_dir):
         raise ListingError(f"coco_dir {coco_dir} does not exist")
     image_dir = join(coco_dir, split)
     for ann in annotation_candidates(coco_dir, split):
-        if FileSystems.exists(ann):
+        if _exists(ann):
             entries = _load_coco_images(ann)
             records = [ImageRecord(int(im["id"]), join(image_dir, im["file_name"]),
                                    int(im.get("width") or 0), int(im.get("height") or 0)) for im in entries]
@@ -84,8 +109,7 @@ def list_split(coco_dir: str, split: str) -> tuple[list, str]:
             break
     else:
         pattern = join(image_dir, "*")
-        matches = FileSystems.match([pattern])[0].metadata_list
-        files = sorted(m.path for m in matches if m.path.lower().endswith(IMAGE_EXTENSIONS))
+        files = sorted(p for p in _match(pattern) if p.lower().endswith(IMAGE_EXTENSIONS))
         records = [ImageRecord(image_id_from_name(p), p) for p in files]
         source = f"files of {image_dir} (no annotation file)"
     ids = [r.image_id for r in records]
@@ -107,7 +131,7 @@ class ImageError(Exception):
 
 def read_bytes(path: str) -> bytes:
     try:
-        with FileSystems.open(path) as f:
+        with _open(path) as f:
             return f.read()
     except (IOError, OSError) as e:  # Beam raises BeamIOError (an IOError) for missing files
         raise ImageError("missing", f"cannot open {path}: {e}") from e
