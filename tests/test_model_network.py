@@ -1,4 +1,6 @@
 """model/network.py: HomographyNet's layer structure, ablation flags, predict_offsets."""
+import pathlib
+
 import keras
 import numpy as np
 import pytest
@@ -74,3 +76,32 @@ def test_predict_offsets_is_model_output_times_rho():
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="patches must both be"):
         network.predict_offsets(m, a, b[:3], rho=8)
+
+
+def test_compact_network_is_small_strided_and_keeps_position():
+    m = network.build("compact", 128, 1, dropout=True)
+    assert m.input_shape == (None, 128, 128, 2) and m.output_shape == (None, 8)
+    assert m.count_params() < 2_000_000  # the issue's bound; the paper's network holds 34 M
+    convs = layers_of(m, keras.layers.Conv2D)
+    # No conv works at full resolution: the stem is a 4x4 stride-4 conv, then the map halves to P/32.
+    assert convs[0].kernel_size == (4, 4) and convs[0].strides == (4, 4)
+    assert [c.strides[0] for c in convs[1:]] == [s for _, s in network.COMPACT_STAGES]
+    assert m.get_layer("flatten").output.shape[1:] == (4 * 4 * 8 * 32,)  # a 4x4 map, not a global pool
+    assert [d.units for d in layers_of(m, keras.layers.Dense)] == [8]
+    assert [d.rate for d in layers_of(m, keras.layers.Dropout)] == [0.2]
+    assert not layers_of(network.build("compact", 64, 1, dropout=False), keras.layers.Dropout)
+    assert all(type(l).__module__.startswith("keras.") for l in m.layers)  # any Keras backend
+    # A shift of the content moves the features: the output depends on where things are.
+    rng = np.random.default_rng(0)
+    x = rng.uniform(-1, 1, (1, 128, 128, 2)).astype(np.float32)
+    y = np.asarray(m(x, training=False))
+    assert not np.allclose(y, np.asarray(m(np.roll(x, 16, axis=2), training=False)), atol=1e-4)
+    with pytest.raises(ValueError, match="divisible by 32"):
+        network.build("compact", 100, 1)
+
+
+def test_shipped_model_dir_points_into_data_weights():
+    assert network.SHIPPED_MODEL_DIR.endswith(("data/weights/compact_rho32",))
+    found = network.shipped_model_dir()
+    assert found is None or (found == network.SHIPPED_MODEL_DIR
+                              and (pathlib.Path(found) / network.MODEL_FILE).is_file())
