@@ -65,26 +65,39 @@ def degeneracy(h: np.ndarray | None, patch_size: int) -> str:
     Plausible: finite, the corners stay in front (w > 0), and their image is a convex quadrilateral with
     the same orientation, an area within 4x of the patch's, and no corner moving more than half the patch.
     """
-    if h is None:
-        return "no homography"
-    h = np.asarray(h, np.float64)
-    if h.shape != (3, 3) or not np.all(np.isfinite(h)) or abs(h[2, 2]) < 1e-12:
-        return "degenerate homography"
     c = geometry.patch_corners(0, 0, patch_size).astype(np.float64)
-    w = h[2, :2] @ c.T + h[2, 2]
-    if np.any(w * np.sign(h[2, 2]) <= 1e-9):
-        return "degenerate homography (corner at infinity)"
-    q = cv2.perspectiveTransform(c.reshape(1, 4, 2), h).reshape(4, 2)
-    edges = np.roll(q, -1, axis=0) - q
-    cross = edges[:, 0] * np.roll(edges, -1, axis=0)[:, 1] - edges[:, 1] * np.roll(edges, -1, axis=0)[:, 0]
+    problem, q = quadrilateral_problem(h, c)
+    if problem:
+        return problem
     area = 0.5 * abs(np.sum(q[:, 0] * np.roll(q[:, 1], -1) - np.roll(q[:, 0], -1) * q[:, 1]))
-    if not (np.all(cross > 0) or np.all(cross < 0)) or np.sign(cross[0]) != 1:
-        return "degenerate homography (non-convex or flipped)"
     if not MIN_AREA_RATIO <= area / patch_size ** 2 <= 1 / MIN_AREA_RATIO:
         return "degenerate homography (area ratio %.2f)" % (area / patch_size ** 2)
     if np.abs(q - c).max() > MAX_CORNER_SHIFT * patch_size:
         return "implausible homography (a corner moves more than %.0f px)" % (MAX_CORNER_SHIFT * patch_size)
     return ""
+
+
+def quadrilateral_problem(h: np.ndarray | None, corners: np.ndarray) -> tuple:
+    """('' or why not, the mapped corners (4, 2) or None): the checks that hold for any frame size.
+
+    corners: (4, 2) in clockwise image order (TL, TR, BR, BL). H must be finite, keep them in front
+    (w > 0) and map them to a convex quadrilateral of the same orientation.
+    """
+    if h is None:
+        return "no homography", None
+    h = np.asarray(h, np.float64)
+    if h.shape != (3, 3) or not np.all(np.isfinite(h)) or abs(h[2, 2]) < 1e-12:
+        return "degenerate homography", None
+    c = np.asarray(corners, np.float64).reshape(4, 2)
+    w = h[2, :2] @ c.T + h[2, 2]
+    if np.any(w * np.sign(h[2, 2]) <= 1e-9):
+        return "degenerate homography (corner at infinity)", None
+    q = cv2.perspectiveTransform(c.reshape(1, 4, 2), h).reshape(4, 2)
+    edges = np.roll(q, -1, axis=0) - q
+    cross = edges[:, 0] * np.roll(edges, -1, axis=0)[:, 1] - edges[:, 1] * np.roll(edges, -1, axis=0)[:, 0]
+    if not (np.all(cross > 0) or np.all(cross < 0)) or np.sign(cross[0]) != 1:
+        return "degenerate homography (non-convex or flipped)", q
+    return "", q
 
 
 def to_gray(patch: np.ndarray) -> np.ndarray:
@@ -132,24 +145,35 @@ def _cv_message(e: cv2.error) -> str:
 
 def feature_homography(patch_a: np.ndarray, patch_b: np.ndarray, detector, norm: int) -> Estimate:
     """Keypoints + brute-force kNN matching with the ratio test + RANSAC findHomography (B -> A)."""
-    p = patch_a.shape[0]
+    h, reason = keypoint_homography(to_gray(patch_a), to_gray(patch_b), detector, norm)
+    if reason:
+        return identity_estimate(patch_a.shape[0], reason)
+    return from_homography(h, patch_a.shape[0])
+
+
+def keypoint_homography(gray_a: np.ndarray, gray_b: np.ndarray, detector, norm: int,
+                        ransac_threshold: float = RANSAC_THRESHOLD) -> tuple:
+    """(H B -> A, '') or (None, why not): detect, match with the ratio test, RANSAC; any image sizes.
+
+    The raw RANSAC result: plausibility bounds depend on the frame and are the caller's.
+    """
     try:
-        kp_a, des_a = detector.detectAndCompute(to_gray(patch_a), None)
-        kp_b, des_b = detector.detectAndCompute(to_gray(patch_b), None)
+        kp_a, des_a = detector.detectAndCompute(gray_a, None)
+        kp_b, des_b = detector.detectAndCompute(gray_b, None)
         if des_a is None or des_b is None or len(kp_a) < 2 or len(kp_b) < 2:
-            return identity_estimate(p, "too few keypoints")
+            return None, "too few keypoints"
         good = [m[0] for m in _matcher(norm).knnMatch(des_b, des_a, k=2)
                 if len(m) == 2 and m[0].distance < RATIO * m[1].distance]
         if len(good) < MIN_MATCHES:
-            return identity_estimate(p, "too few matches")
+            return None, "too few matches"
         src = np.float32([kp_b[m.queryIdx].pt for m in good]).reshape(-1, 1, 2)  # in B
         dst = np.float32([kp_a[m.trainIdx].pt for m in good]).reshape(-1, 1, 2)  # in A
-        h, mask = cv2.findHomography(src, dst, cv2.RANSAC, RANSAC_THRESHOLD)
+        h, mask = cv2.findHomography(src, dst, cv2.RANSAC, ransac_threshold)
     except cv2.error as e:
-        return identity_estimate(p, f"cv2.error: {_cv_message(e)}")
+        return None, f"cv2.error: {_cv_message(e)}"
     if h is None or mask is None or int(mask.sum()) < MIN_INLIERS:
-        return identity_estimate(p, "too few inliers")
-    return from_homography(h, p)
+        return None, "too few inliers"
+    return h, ""
 
 
 def orb(patch_a: np.ndarray, patch_b: np.ndarray) -> Estimate:
@@ -180,29 +204,37 @@ def ecc(patch_a: np.ndarray, patch_b: np.ndarray) -> Estimate:
     this lowered its MACE from 4.3 to 3.6 px, and from 9.1 to 2.4 px on strongly textured synthetic pairs.
     """
     p = patch_a.shape[0]
-    a, b = to_gray(patch_a).astype(np.float32), to_gray(patch_b).astype(np.float32)
-    pyramid = [(a, b)]
-    for _ in range(ECC_LEVELS - 1):
-        pyramid.append((cv2.pyrDown(pyramid[-1][0]), cv2.pyrDown(pyramid[-1][1])))
-    criteria = (cv2.TERM_CRITERIA_EPS | cv2.TERM_CRITERIA_COUNT, ECC_ITERATIONS, ECC_EPSILON)
-    half, double = np.diag([0.5, 0.5, 1.0]), np.diag([2.0, 2.0, 1.0])
-    rho_corr = 0.0
     try:
-        coarse_a, coarse_b = pyramid[-1]
-        _, shift = cv2.findTransformECC(coarse_b, coarse_a, np.eye(2, 3, dtype=np.float32), cv2.MOTION_TRANSLATION,
-                                        criteria, None, ECC_GAUSS_SIZE)
-        w = np.vstack([shift, [0, 0, 1]]).astype(np.float64)
-        for level, (la, lb) in enumerate(reversed(pyramid)):
-            if level:
-                w = double @ w @ half  # a homography at scale s -> at scale 2s (pyrDown halves coordinates)
-            rho_corr, w32 = cv2.findTransformECC(lb, la, w.astype(np.float32), cv2.MOTION_HOMOGRAPHY,
-                                                 criteria, None, ECC_GAUSS_SIZE)
-            w = w32.astype(np.float64)
+        w, rho_corr = ecc_homography(to_gray(patch_a), to_gray(patch_b), ECC_LEVELS)
     except cv2.error as e:
         return identity_estimate(p, f"ECC failed: {_cv_message(e)}")
     if not np.isfinite(rho_corr) or rho_corr < ECC_MIN_CORRELATION:
         return identity_estimate(p, f"ECC correlation too low ({rho_corr:.2f} < {ECC_MIN_CORRELATION})")
-    return from_homography(w / w[2, 2], p)
+    return from_homography(w, p)
+
+
+def ecc_homography(gray_a: np.ndarray, gray_b: np.ndarray, levels: int) -> tuple:
+    """(W B -> A normalised to W[2, 2] = 1, final correlation): translation at the coarsest of `levels`
+    pyramid levels, then the homography refined level by level; any (equal or not) image sizes.
+    Raises cv2.error when ECC does not converge."""
+    a, b = gray_a.astype(np.float32), gray_b.astype(np.float32)
+    pyramid = [(a, b)]
+    for _ in range(levels - 1):
+        pyramid.append((cv2.pyrDown(pyramid[-1][0]), cv2.pyrDown(pyramid[-1][1])))
+    criteria = (cv2.TERM_CRITERIA_EPS | cv2.TERM_CRITERIA_COUNT, ECC_ITERATIONS, ECC_EPSILON)
+    half, double = np.diag([0.5, 0.5, 1.0]), np.diag([2.0, 2.0, 1.0])
+    coarse_a, coarse_b = pyramid[-1]
+    _, shift = cv2.findTransformECC(coarse_b, coarse_a, np.eye(2, 3, dtype=np.float32), cv2.MOTION_TRANSLATION,
+                                    criteria, None, ECC_GAUSS_SIZE)
+    w = np.vstack([shift, [0, 0, 1]]).astype(np.float64)
+    rho_corr = 0.0
+    for level, (la, lb) in enumerate(reversed(pyramid)):
+        if level:
+            w = double @ w @ half  # a homography at scale s -> at scale 2s (pyrDown halves coordinates)
+        rho_corr, w32 = cv2.findTransformECC(lb, la, w.astype(np.float32), cv2.MOTION_HOMOGRAPHY,
+                                             criteria, None, ECC_GAUSS_SIZE)
+        w = w32.astype(np.float64)
+    return w / w[2, 2], rho_corr
 
 
 _FUNCTIONS = {"identity": lambda a, b: identity_estimate(a.shape[0]), "orb": orb, "orb_default": orb_default,
