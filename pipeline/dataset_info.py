@@ -12,14 +12,16 @@ Layout (format_version 1):
   "build": {"runner", "argv", "started", "finished", "seconds"}
 }
 Shard file names are relative to the folder holding dataset_info.json.
+
+No Beam needed to read a dataset: local paths go through open/os; only remote ones (gs://...) go through
+Beam's FileSystems, imported when such a path shows up, so readers run where only numpy and protobuf are.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import posixpath
-
-from apache_beam.io.filesystems import FileSystems
 
 from pipeline import schema
 from pipeline.geometry import PairConfig
@@ -31,8 +33,31 @@ class DatasetError(ValueError):
     """A data_dir that cannot be read as a built dataset; the message names the problem."""
 
 
+def _filesystems():
+    """Beam's FileSystems, for remote paths only; a reader without Beam gets a clear error."""
+    try:
+        from apache_beam.io.filesystems import FileSystems
+    except ImportError as e:
+        raise DatasetError("reading a remote path (gs://...) needs apache-beam[gcp]; "
+                           "copy the dataset to a local folder or install it") from e
+    return FileSystems
+
+
+def is_remote(path: str) -> bool:
+    return "://" in path
+
+
 def join(directory: str, name: str) -> str:
-    return FileSystems.join(directory, name) if "://" in directory else posixpath.join(directory, name)
+    return _filesystems().join(directory, name) if is_remote(directory) else posixpath.join(directory, name)
+
+
+def exists(path: str) -> bool:
+    return _filesystems().exists(path) if is_remote(path) else os.path.exists(path)
+
+
+def open_read(path: str):
+    """A binary file object for reading: local through open, remote through Beam's FileSystems."""
+    return _filesystems().open(path) if is_remote(path) else open(path, "rb")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,11 +96,11 @@ class DatasetInfo:
 def read(data_dir: str) -> DatasetInfo:
     """Loads and checks data_dir/dataset_info.json; raises DatasetError with a clear message."""
     path = join(data_dir, schema.DATASET_INFO)
-    if not FileSystems.exists(path):
+    if not exists(path):
         raise DatasetError(f"no {schema.DATASET_INFO} in {data_dir}: not a built dataset "
                            f"(build one with: python -m pipeline.build --coco_dir=... --output_dir={data_dir})")
     try:
-        with FileSystems.open(path) as f:
+        with open_read(path) as f:
             raw = json.loads(f.read().decode("utf-8"))
         config = PairConfig(**{k: int(raw["config"][k]) for k in
                                ("patch_size", "rho", "image_width", "image_height", "channels",
@@ -93,8 +118,15 @@ def write(data_dir: str, raw: dict) -> str:
     """Writes dataset_info.json atomically (temporary file, then rename): it exists only when complete."""
     path = join(data_dir, schema.DATASET_INFO)
     tmp = path + ".tmp"
+    text = json.dumps(raw, indent=2, sort_keys=False).encode("utf-8")
+    if not is_remote(path):
+        with open(tmp, "wb") as f:
+            f.write(text)
+        os.replace(tmp, path)
+        return path
+    FileSystems = _filesystems()
     with FileSystems.create(tmp) as f:
-        f.write(json.dumps(raw, indent=2, sort_keys=False).encode("utf-8"))
+        f.write(text)
     if FileSystems.exists(path):
         FileSystems.delete([path])
     FileSystems.rename([tmp], [path])

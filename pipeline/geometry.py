@@ -11,7 +11,10 @@ from __future__ import annotations
 import dataclasses
 import zlib
 
-import cv2
+try:
+    import cv2
+except ImportError:  # a reader of built shards needs only PairConfig (via dataset_info), not OpenCV
+    cv2 = None
 import numpy as np
 
 # Offsets are drawn on a grid of 2**20 steps over [-rho, rho]: effectively continuous, both ends

@@ -6,11 +6,15 @@ One tf.train.Example per pair:
   corners          : float32 x 8, patch A corners in the resized image
   image_id         : int64, COCO image id
   patch_index      : int64, 0 .. patches_per_image - 1
+
+encode/decode need no TensorFlow (pipeline.tf_example: the Example message in protobuf's runtime, the
+same bytes as tf.train.Example); feature_spec/parse_batch, the tf.data path, import it when called.
 """
 from __future__ import annotations
 
 import numpy as np
-import tensorflow as tf
+
+from pipeline import tf_example
 
 PATCH_A = "patch_a"
 PATCH_B = "patch_b"
@@ -33,6 +37,8 @@ def failed_images_file(split: str) -> str:
 
 def feature_spec() -> dict:
     """tf.io parsing spec of one record."""
+    import tensorflow as tf
+
     return {
         PATCH_A: tf.io.FixedLenFeature([], tf.string),
         PATCH_B: tf.io.FixedLenFeature([], tf.string),
@@ -49,21 +55,22 @@ def encode(patch_a: np.ndarray, patch_b: np.ndarray, offsets: np.ndarray, corner
     if patch_a.dtype != np.uint8 or patch_b.dtype != np.uint8 or patch_a.shape != patch_b.shape:
         raise ValueError(f"patches must be uint8 of one shape, got {patch_a.dtype}{patch_a.shape} "
                          f"and {patch_b.dtype}{patch_b.shape}")
-    feature = tf.train.Feature
-    example = tf.train.Example(features=tf.train.Features(feature={
-        PATCH_A: feature(bytes_list=tf.train.BytesList(value=[np.ascontiguousarray(patch_a).tobytes()])),
-        PATCH_B: feature(bytes_list=tf.train.BytesList(value=[np.ascontiguousarray(patch_b).tobytes()])),
-        OFFSETS: feature(float_list=tf.train.FloatList(value=np.asarray(offsets, np.float32).reshape(8).tolist())),
-        CORNERS: feature(float_list=tf.train.FloatList(value=np.asarray(corners, np.float32).reshape(8).tolist())),
-        IMAGE_ID: feature(int64_list=tf.train.Int64List(value=[int(image_id)])),
-        PATCH_INDEX: feature(int64_list=tf.train.Int64List(value=[int(patch_index)])),
+    t = tf_example
+    feature = t.Feature
+    example = t.Example(features=t.Features(feature={
+        PATCH_A: feature(bytes_list=t.BytesList(value=[np.ascontiguousarray(patch_a).tobytes()])),
+        PATCH_B: feature(bytes_list=t.BytesList(value=[np.ascontiguousarray(patch_b).tobytes()])),
+        OFFSETS: feature(float_list=t.FloatList(value=np.asarray(offsets, np.float32).reshape(8).tolist())),
+        CORNERS: feature(float_list=t.FloatList(value=np.asarray(corners, np.float32).reshape(8).tolist())),
+        IMAGE_ID: feature(int64_list=t.Int64List(value=[int(image_id)])),
+        PATCH_INDEX: feature(int64_list=t.Int64List(value=[int(patch_index)])),
     }))
     return example.SerializeToString(deterministic=True)  # map order fixed: same bytes in every process
 
 
 def decode(serialized: bytes, patch_size: int, channels: int) -> dict:
-    """Parses one record in plain numpy (audits, tests, tools); tf.data readers use feature_spec()."""
-    f = tf.train.Example.FromString(serialized).features.feature
+    """Parses one record in plain numpy (audits, tests, tools); batches: pipeline.records.decode_batch."""
+    f = tf_example.Example.FromString(serialized).features.feature
     shape = (patch_size, patch_size, channels)
     return {
         PATCH_A: np.frombuffer(f[PATCH_A].bytes_list.value[0], np.uint8).reshape(shape),
@@ -75,11 +82,13 @@ def decode(serialized: bytes, patch_size: int, channels: int) -> dict:
     }
 
 
-def parse_batch(serialized: tf.Tensor, patch_size: int, channels: int) -> dict:
+def parse_batch(serialized, patch_size: int, channels: int) -> dict:
     """Parses a batch of serialized records at once (tf.io.parse_example) and decodes the raw bytes.
 
     Returns uint8 patches of shape (N, P, P, C) and float32 offsets/corners (N, 8).
     """
+    import tensorflow as tf
+
     parsed = tf.io.parse_example(serialized, feature_spec())
     shape = [-1, patch_size, patch_size, channels]
     parsed[PATCH_A] = tf.reshape(tf.io.decode_raw(parsed[PATCH_A], tf.uint8), shape)

@@ -20,11 +20,11 @@ import time
 import apache_beam as beam
 import cv2
 from apache_beam.io.filesystems import FileSystems
-# Beam's own TFRecord framing (length, masked crc32c): shards go through FileSystems like all other I/O.
-from apache_beam.io.tfrecordio import _TFRecordUtil
 from apache_beam.metrics import Metrics
 
 from pipeline import coco, dataset_info, geometry, schema
+# TFRecord framing without TensorFlow; shards still go through FileSystems like all other I/O.
+from pipeline.records import write_record
 
 NAMESPACE = "homography"
 
@@ -102,7 +102,7 @@ class _WriteShardFn(beam.DoFn):
                     yield self._failed(record, "undecodable", f"OpenCV: {str(e).strip()[:200]}")
                     continue
                 for pair in geometry.generate_pairs(image, cfg, self._split, record.image_id):
-                    _TFRecordUtil.write_record(writer, schema.encode(pair.patch_a, pair.patch_b, pair.offsets, pair.corners,
+                    write_record(writer, schema.encode(pair.patch_a, pair.patch_b, pair.offsets, pair.corners,
                                                record.image_id, pair.patch_index))
                     count += 1
                 used += 1
