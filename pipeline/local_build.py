@@ -1,0 +1,178 @@
+"""The builder without Beam: the same shards, byte for byte, from a pool of local processes.
+
+  python -m pipeline.local_build --coco_dir=DIR --output_dir=OUT [--splits=train=train2017,validation=val2017]
+                                 [--rho=32 --patch_size=128 --patches_per_image=10 --seed=0 --workers=0 ...]
+
+For a machine that has numpy, OpenCV and protobuf but not Apache Beam (a bare GPU box, a laptop that only
+needs a small build): every shard is written by pipeline.shards.write_shard, as pipeline.build's Beam step
+writes it, so the records, their order, the shard names and dataset_info.json's counts are the same as
+pipeline.build's for the same flags (tests/test_gpu_recipe.py compares them). Local folders only; use
+pipeline.build for gs:// or a cluster. dataset_info.json is written last, atomically, as there.
+"""
+from __future__ import annotations
+
+import glob
+import multiprocessing
+import os
+import sys
+import time
+
+from pipeline import coco, dataset_info, schema, shards
+from pipeline.geometry import PairConfig
+
+# Files of ours that --overwrite may remove (the index first: from then on nothing claims a complete dataset).
+_OUR_FILES = (schema.DATASET_INFO + "*", "failed_images-*.jsonl", "*.tfrecord-*-of-*")
+
+
+class LocalBuildError(ValueError):
+    """A build that must not start; the message names the problem."""
+
+
+def _prepare_output_dir(output_dir: str, overwrite: bool) -> None:
+    if dataset_info.is_remote(output_dir):
+        raise LocalBuildError(f"the local builder writes local folders only, not {output_dir}: use pipeline.build")
+    existing = os.listdir(output_dir) if os.path.isdir(output_dir) else []
+    if existing and not overwrite:
+        raise LocalBuildError(f"output_dir {output_dir} is not empty ({len(existing)} files: "
+                              f"{', '.join(sorted(existing)[:5])}...); pass --overwrite to replace the dataset there")
+    for pattern in _OUR_FILES:
+        for path in glob.glob(os.path.join(output_dir, pattern)):
+            os.remove(path)
+    os.makedirs(output_dir, exist_ok=True)
+
+
+def _write_one(task) -> tuple[dict, list]:
+    """One shard, in a worker process: (shard result, failures)."""
+    output_dir, name, split, index, num_shards, images, config, reduced_decode = task
+    file_name = shards.shard_name(name, split, index, num_shards)
+    with open(os.path.join(output_dir, file_name), "wb") as writer:
+        count, used, failed = shards.write_shard(writer, images, config, split, reduced_decode)
+    return {"index": index, "file": file_name, "num_examples": count, "images_used": used}, failed
+
+
+def _init_worker():
+    import cv2
+
+    cv2.setNumThreads(1)  # one shard per process already
+
+
+def build(coco_dir: str, output_dir: str, splits: dict, config: PairConfig, *, num_shards: int = 0,
+          max_images: int = 0, overwrite: bool = False, name: str = "homography", reduced_decode: bool = True,
+          workers: int = 0, log=print) -> dict:
+    """Builds every split; returns dataset_info.json's content. workers: processes (0 = one per core)."""
+    try:
+        config.validate()
+    except ValueError as e:
+        raise LocalBuildError(str(e)) from e
+    if num_shards < 0 or max_images < 0 or workers < 0:
+        raise LocalBuildError("num_shards, max_images and workers must be >= 0")
+    listings = {}
+    for split, source_split in splits.items():
+        try:
+            listing, source = coco.list_split(coco_dir, source_split)
+        except coco.ListingError as e:
+            raise LocalBuildError(str(e)) from e
+        listings[split] = (listing[:max_images] if max_images else listing, source, source_split)
+    _prepare_output_dir(output_dir, overwrite)
+    workers = workers or os.cpu_count() or 1
+    started, t0 = time.strftime("%Y-%m-%dT%H:%M:%S%z"), time.time()
+    raw = shards.header(config, name, f"local ({workers} processes)", sys.argv, reduced_decode, started)
+    raw["splits"] = {}
+    # fork would copy a parent that may hold threads (a Keras/JAX process): spawn is the safe start.
+    with multiprocessing.get_context("spawn").Pool(workers, initializer=_init_worker) as pool:
+        for split, (listing, source, source_split) in listings.items():
+            n = num_shards or shards.auto_num_shards(len(listing), config)
+            by_shard = [[] for _ in range(n)]
+            for index, record in shards.assign_shards(listing, n):
+                by_shard[index].append(record)
+            tasks = [(output_dir, name, split, i, n, images, config, reduced_decode)
+                     for i, images in enumerate(by_shard) if images]
+            results, failed = [], []
+            for done, (result, bad) in enumerate(pool.imap_unordered(_write_one, tasks), start=1):
+                results.append(result)
+                failed.extend(bad)
+                if log and (done % max(1, len(tasks) // 10) == 0 or done == len(tasks)):
+                    log(f"{split}: {done}/{len(tasks)} shards, {sum(r['num_examples'] for r in results)} pairs, "
+                        f"{time.time() - t0:.1f} s")
+            summary, empty = shards.split_summary(results, failed, name=name, split=split,
+                                                  source_split=source_split, source=source,
+                                                  images_listed=len(listing), num_shards=n)
+            for file_name in empty:
+                open(os.path.join(output_dir, file_name), "wb").close()
+            with open(os.path.join(output_dir, schema.failed_images_file(split)), "wb") as f:
+                f.write(shards.failed_lines(failed))
+            raw["splits"][split] = summary
+    raw["build"]["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    raw["build"]["seconds"] = round(time.time() - t0, 1)
+    dataset_info.write(output_dir, raw)
+    return raw
+
+
+def _define_flags():
+    from absl import flags
+
+    flags.DEFINE_string("coco_dir", None, "COCO 2017 root (images in <split>/, annotations/ beside); local")
+    flags.DEFINE_string("output_dir", None, "Local folder for the shards, failed_images-*.jsonl, dataset_info.json")
+    flags.DEFINE_string("splits", "train=train2017,validation=val2017", "Comma list of OUTPUT_SPLIT=COCO_SPLIT")
+    flags.DEFINE_integer("rho", 32, "Maximum corner perturbation in pixels")
+    flags.DEFINE_integer("patch_size", 128, "Patch side P in pixels")
+    flags.DEFINE_integer("image_width", 320, "Width the images are resized to")
+    flags.DEFINE_integer("image_height", 240, "Height the images are resized to")
+    flags.DEFINE_integer("patches_per_image", 10, "Pairs generated per image")
+    flags.DEFINE_integer("seed", 0, "Seed; each image's draws come from (seed, split, image id)")
+    flags.DEFINE_integer("max_images", 0, "Use only the first N images (by id) of each split; 0 = all")
+    flags.DEFINE_integer("num_shards", 0, "Shards per split; 0 = automatic (as pipeline.build)")
+    flags.DEFINE_bool("color", False, "3-channel (BGR) patches instead of grayscale")
+    flags.DEFINE_string("dataset_name", "homography", "Prefix of the shard files")
+    flags.DEFINE_bool("overwrite", False, "Replace a dataset already in output_dir")
+    flags.DEFINE_integer("workers", 0, "Worker processes; 0 = one per core")
+
+
+def parse_splits(text: str) -> dict:
+    """'train=train2017,validation=val2017' -> {'train': 'train2017', 'validation': 'val2017'}."""
+    splits = {}
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        split, sep, source = (s.strip() for s in item.partition("="))
+        if not sep or not split or not source:
+            raise LocalBuildError(f"--splits item '{item}' is not NAME=COCO_SPLIT (e.g. train=train2017)")
+        if split in splits:
+            raise LocalBuildError(f"--splits names split '{split}' twice")
+        splits[split] = source
+    if not splits:
+        raise LocalBuildError("--splits is empty")
+    return splits
+
+
+def main(argv):
+    from absl import flags
+
+    from pipeline import cli
+
+    f = flags.FLAGS
+    if len(argv) > 1:
+        return cli.fail("pipeline.local_build", f"unexpected arguments: {' '.join(argv[1:])}")
+    if not f.coco_dir or not f.output_dir:
+        return cli.fail("pipeline.local_build", "--coco_dir and --output_dir are required")
+    config = PairConfig(patch_size=f.patch_size, rho=f.rho, image_width=f.image_width, image_height=f.image_height,
+                        channels=3 if f.color else 1, patches_per_image=f.patches_per_image, seed=f.seed)
+    try:
+        info = build(f.coco_dir, f.output_dir, parse_splits(f.splits), config, num_shards=f.num_shards,
+                     max_images=f.max_images, overwrite=f.overwrite, name=f.dataset_name, workers=f.workers)
+    except (LocalBuildError, dataset_info.DatasetError) as e:
+        return cli.fail("pipeline.local_build", str(e))
+    total = sum(s["num_examples"] for s in info["splits"].values())
+    per_split = ", ".join(f"{k} {v['num_examples']}" for k, v in info["splits"].items())
+    print(f"built {total} pairs ({per_split}) in "
+          f"{info['build']['seconds']} s with {info['build']['runner']}; index: "
+          f"{os.path.join(f.output_dir, schema.DATASET_INFO)}")
+    return 0
+
+
+def run():
+    from pipeline import cli
+
+    cli.run("pipeline.local_build", main, _define_flags)
+
+
+if __name__ == "__main__":
+    run()

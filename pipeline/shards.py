@@ -1,0 +1,122 @@
+"""What one shard of a split holds, without Beam: the runner-independent half of the builder.
+
+The Beam builder (pipeline.build, through pipeline.transforms) and the local builder (pipeline.local_build,
+for machines without Beam) both go through these functions, so they write the same bytes:
+  assign_shards   which images go to which shard (round robin over the id-sorted listing)
+  image_pairs     one image -> its serialised records, in patch order
+  write_shard     one shard file from its images; the images that must be skipped, with their reasons
+  split_summary   the split's entry of dataset_info.json from its shard results and skipped images
+"""
+from __future__ import annotations
+
+import math
+
+import cv2
+
+from pipeline import coco, dataset_info, geometry, records, schema
+
+MIN_SHARDS = 8
+TARGET_SHARD_BYTES = 64 * 2**20
+
+
+def shard_name(name: str, split: str, index: int, num_shards: int) -> str:
+    return f"{schema.shard_prefix(name, split)}-{index:05d}-of-{num_shards:05d}"
+
+
+def auto_num_shards(num_images: int, config: geometry.PairConfig) -> int:
+    """About TARGET_SHARD_BYTES a shard, at least MIN_SHARDS, never more shards than images."""
+    record_bytes = 2 * config.patch_size ** 2 * config.channels + 200
+    total = num_images * config.patches_per_image * record_bytes
+    return max(1, min(num_images, max(MIN_SHARDS, math.ceil(total / TARGET_SHARD_BYTES))))
+
+
+def assign_shards(listing: list, num_shards: int) -> list:
+    """Round robin over the id-sorted listing: balanced and independent of any runner."""
+    ordered = sorted(listing, key=lambda r: r.image_id)
+    return [(i % num_shards, r) for i, r in enumerate(ordered)]
+
+
+def image_pairs(record: coco.ImageRecord, config: geometry.PairConfig, split: str,
+                reduced_decode: bool = True) -> list:
+    """The serialised records of one image's pairs; raises coco.ImageError for an image to skip."""
+    data = coco.read_bytes(record.path)
+    src = (record.width, record.height) if reduced_decode else (0, 0)
+    try:
+        image = coco.decode_resize(data, config.image_width, config.image_height, config.channels, src)
+    except cv2.error as e:
+        raise coco.ImageError("undecodable", f"OpenCV: {str(e).strip()[:200]}") from e
+    return [schema.encode(p.patch_a, p.patch_b, p.offsets, p.corners, record.image_id, p.patch_index)
+            for p in geometry.generate_pairs(image, config, split, record.image_id)]
+
+
+def failure(record: coco.ImageRecord, error: coco.ImageError) -> dict:
+    """One line of failed_images-<split>.jsonl."""
+    return {"image_id": record.image_id, "path": record.path, "reason": error.reason, "detail": error.detail}
+
+
+def write_shard(writer, images: list, config: geometry.PairConfig, split: str, reduced_decode: bool = True,
+                on_image=None) -> tuple[int, int, list]:
+    """Writes the pairs of `images` (in id order) to the open binary file `writer`, TFRecord-framed.
+
+    Returns (pairs written, images used, failures). on_image(record, error or None), if given, is called
+    after each image (the Beam step counts metrics there)."""
+    count = used = 0
+    failed = []
+    for record in sorted(images, key=lambda r: r.image_id):
+        try:
+            serialized = image_pairs(record, config, split, reduced_decode)
+        except coco.ImageError as e:
+            failed.append(failure(record, e))
+            if on_image:
+                on_image(record, e)
+            continue
+        for s in serialized:
+            records.write_record(writer, s)
+        count += len(serialized)
+        used += 1
+        if on_image:
+            on_image(record, None)
+    return count, used, failed
+
+
+def split_summary(shards: list, failed: list, *, name: str, split: str, source_split: str, source: str,
+                  images_listed: int, num_shards: int) -> tuple[dict, list]:
+    """(the split's dataset_info.json entry, names of the shards that got no image and must exist empty).
+
+    shards: one {"index", "file", "num_examples", "images_used"} per shard written."""
+    by_index = {s["index"]: s for s in shards}
+    empty = []
+    for i in range(num_shards):  # a shard that got no images still exists, empty, so names stay i-of-N
+        if i not in by_index:
+            empty.append(shard_name(name, split, i, num_shards))
+            by_index[i] = {"index": i, "file": empty[-1], "num_examples": 0, "images_used": 0}
+    reasons = {}
+    for x in failed:
+        reasons[x["reason"]] = reasons.get(x["reason"], 0) + 1
+    ordered = [by_index[i] for i in range(num_shards)]
+    return {
+        "source_split": source_split,
+        "source": source,
+        "images_listed": images_listed,
+        "images_used": sum(s["images_used"] for s in ordered),
+        "images_failed": len(failed),
+        "failed_by_reason": dict(sorted(reasons.items())),
+        "num_examples": sum(s["num_examples"] for s in ordered),
+        "failed_images_file": schema.failed_images_file(split),
+        "shards": [{"file": s["file"], "num_examples": s["num_examples"]} for s in ordered],
+    }, empty
+
+
+def failed_lines(failed: list) -> bytes:
+    """failed_images-<split>.jsonl's content: one JSON object a line, by image id."""
+    import json
+
+    return "".join(json.dumps(x, sort_keys=True) + "\n" for x in sorted(failed, key=lambda f: f["image_id"])).encode()
+
+
+def header(config: geometry.PairConfig, name: str, runner: str, argv: list, reduced_decode: bool, started: str) -> dict:
+    """dataset_info.json without its splits: the generation config and how the build ran."""
+    return {"name": name, "format_version": dataset_info.FORMAT_VERSION,
+            "config": {k: getattr(config, k) for k in ("patch_size", "rho", "image_width", "image_height",
+                                                          "channels", "patches_per_image", "seed")},
+            "build": {"runner": runner, "argv": list(argv), "reduced_decode": reduced_decode, "started": started}}
