@@ -1,0 +1,211 @@
+"""Every method on real image pairs with ground-truth homographies (HPatches or Oxford sequences).
+
+  python -m model.evaluate_real --pairs_dir=DIR --output_dir=REPORT [--model_dir=RUN]
+                                [--methods=identity,orb,sift,ecc,network] [--direction_check=refuse|warn|off]
+                                [--nofigures]
+
+DIR is one sequence or a folder of sequences (layouts: model/real_pairs.py). For each pair (1, k) every
+method estimates H_1_k at the images' own resolution: the classical methods on the full images (ECC on a
+copy at most 320 px long), the network through model.predict (both photos squeezed to its P x P input,
+H = S_a^-1 . H_local . S_b with A = image k, B = image 1). The score is the mean corner error of image 1
+mapped into image k (model.real_pairs.corner_error). A method that fails falls back to the identity; the
+pair keeps that error and the failure is counted.
+
+Before any method runs, each ground truth is checked for its direction (model.real_pairs.direction_scores):
+a sequence whose files align the images clearly better inverted or transposed is refused (or, with
+--direction_check=warn, evaluated as given and flagged in the report).
+
+Writes REPORT/real_report.json, real_report.md, error_curves.png and figures/<sequence>_1-<k>.png.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import numpy as np
+from absl import flags, logging
+
+from model import methods as methods_lib
+from model import real_pairs
+from model.real_pairs import RealPairsError
+from pipeline import cli
+
+KNOWN_METHODS = methods_lib.ALL_METHODS  # identity, orb, orb_default, sift, ecc, network
+DIRECTION_MODES = ("refuse", "warn", "off")
+
+
+def resolve_methods(names: list | None, model_dir: str | None) -> tuple:
+    """(method list, model_dir for the network or None). The network runs with --model_dir, else with the
+    project's shipped weights; without either it is left out by default and refused when asked for."""
+    if names is not None:
+        unknown = [n for n in names if n not in KNOWN_METHODS]
+        if unknown:
+            raise RealPairsError(f"unknown method(s) {', '.join(unknown)}; known: {', '.join(KNOWN_METHODS)}")
+        if not names or len(set(names)) != len(names):
+            raise RealPairsError(f"--methods must name each method once, got {','.join(names) or 'nothing'}")
+    if model_dir is None and (names is None or "network" in names):
+        from model import network  # Keras only when the network may run
+
+        model_dir = network.shipped_model_dir()
+        if model_dir is None and names is not None:
+            raise RealPairsError("method 'network' needs --model_dir: the project's shipped weights "
+                                 "(data/weights/) are not in this checkout")
+    if names is None:
+        names = list(methods_lib.DEFAULT_CLASSICAL) + (["network"] if model_dir else [])
+    return names, (model_dir if "network" in names else None)
+
+
+def check_directions(sequences: list, mode: str) -> dict:
+    """sequence name -> {k: {'scores', 'verdict'}}; RealPairsError for a wrong direction when mode is refuse."""
+    out = {}
+    for seq in sequences:
+        if mode == "off":
+            break
+        gray_1 = real_pairs.read_gray(seq.images[1])
+        out[seq.name] = {}
+        for k in seq.pairs():
+            scores = real_pairs.direction_scores(gray_1, real_pairs.read_gray(seq.images[k]), seq.truths[k])
+            verdict = real_pairs.direction_verdict(scores)
+            out[seq.name][k] = {"scores": scores, "verdict": verdict}
+            if verdict not in ("ok", "inconclusive"):
+                message = (f"sequence {seq.name}: the ground truth of pair 1-{k} looks {verdict.replace('_', ' ')} "
+                           f"(normalised correlation {scores['given']} as given, {scores[verdict]} {verdict}): "
+                           f"the files must map image 1 to image k")
+                if mode == "refuse":
+                    raise RealPairsError(message + "; --direction_check=warn evaluates it anyway")
+                logging.warning(message)
+    return out
+
+
+def _run_pair(seq, k: int, names: list, network: tuple | None) -> dict:
+    gray_1, gray_k = real_pairs.read_gray(seq.images[1]), real_pairs.read_gray(seq.images[k])
+    results = {}
+    for name in names:
+        start = time.perf_counter()
+        if name == "network":
+            from model import predict
+
+            model, run = network
+            with open(seq.images[k], "rb") as fa, open(seq.images[1], "rb") as fb:
+                # A = image k, B = image 1: predict's H (B -> A) is H_1_k.
+                pred = predict.predict_homography(fa.read(), fb.read(), "network",
+                                                  patch_size=int(run["patch_size"]), channels=int(run["channels"]),
+                                                  model=model, rho=float(run["rho"]))
+            h, ok, reason = pred.homography, pred.ok, pred.reason
+        else:
+            h, ok, reason = real_pairs.estimate_image(name, gray_k, gray_1)
+        seconds = time.perf_counter() - start
+        error = real_pairs.corner_error(h, seq.truths[k], seq.sizes[1])
+        if not np.isfinite(error):  # a corner sent to infinity: a failure, scored as the identity
+            h, ok, reason = np.eye(3), False, reason or "corner at infinity"
+            error = real_pairs.corner_error(h, seq.truths[k], seq.sizes[1])
+        results[name] = {"error": round(error, 3), "ok": bool(ok), "reason": reason, "seconds": round(seconds, 4),
+                         "homography": np.round(h, 8).tolist()}
+    return results
+
+
+def evaluate_real(pairs_dir: str, output_dir: str, *, methods: list | None = None, model_dir: str | None = None,
+                  direction_check: str = "refuse", figures: bool = True, command: str = "") -> dict:
+    """Evaluates every method on every pair under pairs_dir; writes the report; returns its dict."""
+    if direction_check not in DIRECTION_MODES:
+        raise RealPairsError(f"direction_check must be one of {', '.join(DIRECTION_MODES)}, got '{direction_check}'")
+    names, model_dir = resolve_methods(methods, model_dir)
+    sequences = real_pairs.discover(pairs_dir)  # every folder read and checked before any work
+    directions = check_directions(sequences, direction_check)
+    network = None
+    if "network" in names:
+        from model import evaluate
+
+        try:
+            network = evaluate.load_run(model_dir)
+        except evaluate.EvaluationError as e:
+            raise RealPairsError(str(e)) from e
+    os.makedirs(output_dir, exist_ok=True)
+    pairs = []
+    for seq in sequences:
+        for k in seq.pairs():
+            results = _run_pair(seq, k, names, network)
+            check = directions.get(seq.name, {}).get(k)
+            pairs.append({"sequence": seq.name, "group": seq.group, "k": k,
+                          "image_1": seq.images[1], "image_k": seq.images[k],
+                          "size_1": list(seq.sizes[1]), "size_k": list(seq.sizes[k]),
+                          "true_homography": np.round(seq.truths[k], 10).tolist(),
+                          "direction_check": check, "methods": results})
+            logging.info("%s 1-%d: %s", seq.name, k, ", ".join(f"{n} {r['error']:.2f} px" for n, r in results.items()))
+    report = {"command": command, "pairs_dir": os.path.abspath(pairs_dir), "methods": names,
+              "model": ({"model_dir": os.path.abspath(model_dir), "patch_size": int(network[1]["patch_size"]),
+                         "channels": int(network[1]["channels"]), "rho": float(network[1]["rho"])}
+                        if network else None),
+              "thresholds_px": list(real_pairs.THRESHOLDS), "auc_thresholds_px": list(real_pairs.AUC_THRESHOLDS),
+              "direction_check": direction_check,
+              "direction_warnings": [f"{p['sequence']} 1-{p['k']}: {p['direction_check']['verdict']}"
+                                     for p in pairs if p["direction_check"]
+                                     and p["direction_check"]["verdict"] not in ("ok", "inconclusive")],
+              "num_sequences": len(sequences), "num_pairs": len(pairs),
+              "overall": _summaries(pairs, names),
+              "groups": {g: _summaries([p for p in pairs if p["group"] == g], names)
+                         for g in sorted({p["group"] for p in pairs})},
+              "sequences": {s.name: {"layout": s.layout, "group": s.group, "path": os.path.abspath(s.path),
+                                     "methods": _summaries([p for p in pairs if p["sequence"] == s.name], names)}
+                            for s in sequences},
+              "pairs": pairs}
+    from model import real_report  # matplotlib only when writing
+
+    real_report.write(report, output_dir, figures)
+    return report
+
+
+def _summaries(pairs: list, names: list) -> dict:
+    return {n: real_pairs.summarise([p["methods"][n]["error"] for p in pairs], [p["methods"][n]["ok"] for p in pairs],
+                                    [p["methods"][n]["seconds"] for p in pairs]) for n in names}
+
+
+FLAGS = flags.FLAGS
+
+
+def _define_flags():
+    flags.DEFINE_string("pairs_dir", None, "An HPatches or Oxford sequence, or a folder of them")
+    flags.DEFINE_string("output_dir", None, "Where the report goes")
+    flags.DEFINE_string("model_dir", None, "Training run for the network (default: the shipped weights, if any)")
+    flags.DEFINE_list("methods", None, f"Methods among {','.join(KNOWN_METHODS)} "
+                                       "(default: identity,orb,sift,ecc, and network when weights are available)")
+    flags.DEFINE_enum("direction_check", "refuse", list(DIRECTION_MODES),
+                      "A ground truth that aligns the images better inverted or transposed: refuse the run, "
+                      "warn and evaluate it as given, or do not check")
+    flags.DEFINE_bool("figures", True, "Write a figure per pair (image 1's true and estimated outlines in image k)")
+
+
+def main(argv):
+    if len(argv) > 1:
+        return cli.fail("model.evaluate_real", f"unexpected arguments: {' '.join(argv[1:])}")
+    if not FLAGS.pairs_dir or not FLAGS.output_dir:
+        return cli.fail("model.evaluate_real", "--pairs_dir and --output_dir are required")
+    try:
+        report = evaluate_real(FLAGS.pairs_dir, FLAGS.output_dir, methods=FLAGS.methods, model_dir=FLAGS.model_dir,
+                               direction_check=FLAGS.direction_check, figures=FLAGS.figures,
+                               command=" ".join(["python -m model.evaluate_real"] + sys.argv[1:]))
+    except RealPairsError as e:
+        return cli.fail("model.evaluate_real", str(e))
+    print(summary_text(report, FLAGS.output_dir))
+    return 0
+
+
+def summary_text(report: dict, output_dir: str) -> str:
+    lines = [f"{report['num_pairs']} pairs in {report['num_sequences']} sequence(s) of {report['pairs_dir']}",
+             "method        mean   median  <3px   AUC@10  failures  s/pair"]
+    for name, s in report["overall"].items():
+        lines.append(f"{name:<12} {s['mean_error']:>6.2f} {s['median_error']:>7.2f}  {s['accuracy']['3']:.2f}"
+                     f"   {s['auc']['10']:.3f}   {s['failures']:>5}   {s['seconds_per_pair']:.3f}")
+    for w in report["direction_warnings"]:
+        lines.append(f"direction warning: {w}")
+    lines.append(f"report: {os.path.join(output_dir, 'real_report.md')}")
+    return "\n".join(lines)
+
+
+def run():
+    cli.run("model.evaluate_real", main, _define_flags)
+
+
+if __name__ == "__main__":
+    run()
