@@ -16,11 +16,11 @@ import sys
 import time
 
 import apache_beam as beam
-from absl import flags, logging
+from absl import flags
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions, TestOptions
 
-from pipeline import audit_report, audit_transforms as at, cli, dataset_info, schema
+from pipeline import audit_report, audit_transforms as at, cli, dataset_info, runners, schema
 
 RAW_RESULTS = "audit_raw.json"  # the job's output; the driver turns it into audit.json, then removes it
 
@@ -81,7 +81,8 @@ def build_pipeline(pipeline, info: dataset_info.DatasetInfo, output_dir: str, re
     ]
     return (sections
             | "AllSections" >> beam.Flatten()
-            | "Collect" >> beam.combiners.ToList()  # a few small dicts per split: safe to gather
+            # a few small dicts per split: safe to gather; without defaults = no side input (DaskRunner)
+            | "Collect" >> beam.CombineGlobally(beam.combiners.ToListCombineFn()).without_defaults()
             | "WriteRaw" >> beam.Map(_write_raw, dataset_info.join(output_dir, RAW_RESULTS)))
 
 
@@ -95,17 +96,11 @@ def regroup(sections: list) -> dict:
             out[section] = value
         else:
             out[section][split] = value
+    # Leakage and Duplicates combine without defaults (portable): no input, no element; fill the empty result.
+    for section, fn in (("leakage", at.CountAndExamplesFn()), ("duplicates", at.DuplicateGroupsFn())):
+        if out[section] is None:
+            out[section] = fn.extract_output(fn.create_accumulator())
     return out
-
-
-def _metrics(result) -> dict:
-    try:
-        from apache_beam.metrics.metric import MetricsFilter
-        counters = result.metrics().query(MetricsFilter().with_namespace(at.NAMESPACE))["counters"]
-        return {c.key.metric.name: c.committed for c in sorted(counters, key=lambda c: c.key.metric.name)}
-    except Exception as e:  # a convenience; some runners do not report metrics
-        logging.warning("could not read Beam metrics: %s", e)
-        return {}
 
 
 def audit(data_dir: str, output_dir: str, *, residual_threshold: float = 1.0, max_residual_share: float = 0.001,
@@ -116,17 +111,24 @@ def audit(data_dir: str, output_dir: str, *, residual_threshold: float = 1.0, ma
                          f"in [0, 1) (got {max_residual_share})")
     info = dataset_info.read(data_dir)
     options = PipelineOptions(beam_args or [])
-    if not options.view_as(StandardOptions).runner:
-        options.view_as(StandardOptions).runner = "DirectRunner"  # Prism would try to download itself
+    runners.set_default_runner(options)  # DirectRunner unless named: Prism would try to download itself
     if "://" not in output_dir and not FileSystems.exists(output_dir) and not options.view_as(TestOptions).dry_run:
         FileSystems.mkdirs(output_dir)
     started = time.time()
-    pipeline = beam.Pipeline(options=options)
-    build_pipeline(pipeline, info, output_dir, residual_threshold)
-    result = pipeline.run()
-    if options.view_as(TestOptions).dry_run:  # job graph built (and, on Dataflow, checked), nothing ran
-        return {"dry_run": True, "job": getattr(result, "job", None)}
-    result.wait_until_finish()
+    try:
+        with runners.session(options, worker_paths=[p for p in (data_dir, output_dir) if "://" not in p],
+                             partitions=len(shard_specs(info))):
+            pipeline = beam.Pipeline(options=options)
+            build_pipeline(pipeline, info, output_dir, residual_threshold)
+            result = pipeline.run()
+            if options.view_as(TestOptions).dry_run:  # job graph built (and, on Dataflow, checked), nothing ran
+                return {"dry_run": True, "job": getattr(result, "job", None)}
+            try:
+                result.wait_until_finish()
+            finally:
+                runners.close(result)
+    except runners.RunnerError as e:
+        raise AuditError(str(e)) from e
     raw_path = dataset_info.join(output_dir, RAW_RESULTS)
     with FileSystems.open(raw_path) as f:
         results = regroup(json.loads(f.read().decode("utf-8")))
@@ -142,7 +144,7 @@ def audit(data_dir: str, output_dir: str, *, residual_threshold: float = 1.0, ma
         "config": info.raw["config"], "checks": checks, "stats": results["stats"],
         "residual_quantiles": results["quantiles"], "pairs_per_image": results["images"],
         "shards": results["shards"], "leakage": results["leakage"], "duplicates": results["duplicates"],
-        "metrics": _metrics(result), "plots": {},
+        "metrics": runners.counters(result, at.NAMESPACE) or {}, "plots": {},
     }
     for split, stats in results["stats"].items():
         report["plots"][split] = audit_report.plots(split, stats, info.config, output_dir)

@@ -11,11 +11,16 @@
 
 Everything downstream of ReadShards holds per-pair summaries of a few hundred bytes, combined with
 CombineFns (combiner lifting), so no step ever collects records or patches in memory.
+
+Portable subset, as in the builder: one output per ParDo (ReadShards splits its union output with two
+Maps), no side inputs (CombineGlobally without defaults; the driver supplies the empty result), so
+Beam 2.77's DaskRunner runs it too. DaskRunner lifts no combiner: each CombinePerKey gathers its group.
 """
 from __future__ import annotations
 
 import hashlib
 import logging
+import typing
 
 import apache_beam as beam
 import cv2
@@ -76,7 +81,7 @@ class _ReadShardFn(beam.DoFn):
                     count += 1
                     self._records.inc()
                     split_counter.inc()
-                    yield spec["split"], record
+                    yield "record", (spec["split"], record)
         except (ShardReadError, OSError) as e:
             error = str(e) or type(e).__name__
             self._errors.inc()
@@ -84,11 +89,15 @@ class _ReadShardFn(beam.DoFn):
         self._shards.inc()
         logging.info("audit: read %s shard %d: %d records (%d listed)%s", spec["split"], spec["index"], count,
                      spec["expected"], f", ERROR: {error}" if error else "")
-        yield beam.pvalue.TaggedOutput("shards", dict(spec, read=count, error=error))
+        yield "shard", dict(spec, read=count, error=error)
+
+
+def _of_kind(kind):
+    return lambda item: [item[1]] if item[0] == kind else []
 
 
 class ReadShards(beam.PTransform):
-    """Shard specs {split, index, file, path, expected} -> (split, record); tagged output 'shards'."""
+    """Shard specs {split, index, file, path, expected} -> .records: (split, record); .shards: one status each."""
 
     def __init__(self, specs: list, config: geometry.PairConfig):
         super().__init__()
@@ -96,9 +105,16 @@ class ReadShards(beam.PTransform):
         self._config = config
 
     def expand(self, pbegin):
-        return (pbegin
+        both = (pbegin
                 | "ListShards" >> beam.Create(self._specs)  # reshuffles: shards spread over workers
-                | "Read" >> beam.ParDo(_ReadShardFn(self._config)).with_outputs("shards", main="records"))
+                | "Read" >> beam.ParDo(_ReadShardFn(self._config)))
+        return ReadOutputs(records=both | "Records" >> beam.FlatMap(_of_kind("record")),
+                           shards=both | "Shards" >> beam.FlatMap(_of_kind("shard")))
+
+
+class ReadOutputs(typing.NamedTuple):
+    records: beam.PCollection  # (split, record)
+    shards: beam.PCollection   # one status dict per shard
 
 
 # ---------------------------------------------------------------- per-pair measures (pure functions)
@@ -464,7 +480,7 @@ class Leakage(beam.PTransform):
                 | "Splits" >> beam.CombinePerKey(_union)
                 | "Shared" >> beam.Filter(lambda kv: len(kv[1]) > 1)
                 | "AsExample" >> beam.Map(lambda kv: (kv[0], sorted(kv[1])))
-                | "Summarize" >> beam.CombineGlobally(CountAndExamplesFn()))
+                | "Summarize" >> beam.CombineGlobally(CountAndExamplesFn()).without_defaults())
 
 
 MAX_TRACKED_IMAGES = 64
@@ -499,7 +515,7 @@ class Duplicates(beam.PTransform):
                 | "ByHash" >> beam.Map(lambda s: (s["hash"], (s["split"], s["image_id"], s["patch_index"])))
                 | "Copies" >> beam.CombinePerKey(CopiesFn())
                 | "Repeated" >> beam.Filter(lambda kv: kv[1]["count"] > 1)
-                | "Summarize" >> beam.CombineGlobally(DuplicateGroupsFn()))
+                | "Summarize" >> beam.CombineGlobally(DuplicateGroupsFn()).without_defaults())
 
 
 class DuplicateGroupsFn(beam.CombineFn):

@@ -3,10 +3,12 @@
   python -m pipeline.build --coco_dir=DIR --output_dir=OUT [--splits=train=train2017,validation=val2017]
                            [--rho=32 --patch_size=128 --patches_per_image=10 --seed=0 ...]
                            [any Beam flag: --runner, --direct_num_workers, --project, --setup_file ...]
+                           [--runner=DaskRunner [--dask_client_address=tcp://HOST:8786 | --dask_local_workers=N]]
 """
 from __future__ import annotations
 
 import math
+import os
 import sys
 import time
 
@@ -15,7 +17,7 @@ from absl import flags, logging
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions, TestOptions
 
-from pipeline import cli, coco, dataset_info, schema, transforms
+from pipeline import cli, coco, dataset_info, runners, schema, transforms
 from pipeline.geometry import PairConfig
 
 DEFAULT_SPLITS = "train=train2017,validation=val2017"
@@ -89,12 +91,31 @@ def build(coco_dir: str, output_dir: str, splits: dict, config: PairConfig, *, n
         logging.info("split %s: %d images from %s", split, len(listings[split][0]), source)
 
     options = PipelineOptions(beam_args or [])
-    if not options.view_as(StandardOptions).runner:
-        options.view_as(StandardOptions).runner = "DirectRunner"  # Prism would try to download itself
+    runners.set_default_runner(options)  # DirectRunner unless named: Prism would try to download itself
     dry_run = options.view_as(TestOptions).dry_run
+    shard_counts = {split: num_shards or auto_num_shards(len(records), config)
+                    for split, (records, _, _) in listings.items()}
+    # Workers must see the images and the output folder (or the folder it will be made in); local paths only.
+    seen = [p for p in (coco_dir, _existing_parent(output_dir)) if "://" not in p]
+    try:
+        with runners.session(options, worker_paths=seen, partitions=max(shard_counts.values())):
+            return _run(listings, shard_counts, output_dir, config, name, reduced_decode, overwrite, options, dry_run)
+    except runners.RunnerError as e:
+        raise BuildError(str(e)) from e
+
+
+def _existing_parent(path: str) -> str:
+    if "://" in path:
+        return path
+    path = os.path.abspath(path)
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    return path
+
+
+def _run(listings, shard_counts, output_dir, config, name, reduced_decode, overwrite, options, dry_run) -> dict:
     if not dry_run:
         prepare_output_dir(output_dir, overwrite)
-
     started = time.time()
     header = {"name": name, "format_version": dataset_info.FORMAT_VERSION,
               "config": {k: getattr(config, k) for k in ("patch_size", "rho", "image_width", "image_height",
@@ -105,13 +126,13 @@ def build(coco_dir: str, output_dir: str, splits: dict, config: PairConfig, *, n
     pipeline = beam.Pipeline(options=options)
     summaries = []
     for split, (records, source, source_split) in listings.items():
-        n = num_shards or auto_num_shards(len(records), config)
+        n = shard_counts[split]
         written = (pipeline
                    | f"{split}/ListImages" >> transforms.ListedImages(records, n)
                    | f"{split}/GroupByShard" >> transforms.GroupByShard()
                    | f"{split}/WriteShards" >> transforms.WriteShards(output_dir, name, split, n, config, reduced_decode))
-        summaries.append(written.shards | f"{split}/Finalize" >> transforms.FinalizeSplit(
-            written.failed, output_dir=output_dir, name=name, split=split, source_split=source_split,
+        summaries.append(written | f"{split}/Finalize" >> transforms.FinalizeSplit(
+            output_dir=output_dir, name=name, split=split, source_split=source_split,
             source=source, images_listed=len(records), num_shards=n))
     (summaries | "AllSplits" >> beam.Flatten()
      | "WriteDatasetInfo" >> transforms.WriteDatasetInfo(output_dir, header))
@@ -119,22 +140,19 @@ def build(coco_dir: str, output_dir: str, splits: dict, config: PairConfig, *, n
     result = pipeline.run()
     if dry_run:
         return {"dry_run": True, "job": getattr(result, "job", None), "pipeline": pipeline}
-    result.wait_until_finish()
+    try:
+        result.wait_until_finish()
+    finally:
+        runners.close(result)
     info = dataset_info.read(output_dir).raw
     info["build"]["seconds"] = round(time.time() - started, 1)
-    info["build"]["metrics"] = _counters(result)
+    counters = runners.counters(result, transforms.NAMESPACE)
+    if counters is None:
+        info["build"]["metrics_unavailable"] = f"{type(result).__name__} collects no Beam metrics"
+    else:
+        info["build"]["metrics"] = counters
     dataset_info.write(output_dir, info)
     return info
-
-
-def _counters(result) -> dict:
-    try:
-        from apache_beam.metrics.metric import MetricsFilter
-        counters = result.metrics().query(MetricsFilter().with_namespace(transforms.NAMESPACE))["counters"]
-        return {c.key.metric.name: c.committed for c in sorted(counters, key=lambda c: c.key.metric.name)}
-    except Exception as e:  # metrics are a convenience; some runners do not report them
-        logging.warning("could not read Beam metrics: %s", e)
-        return {}
 
 
 def summary_text(info: dict, output_dir: str) -> str:

@@ -3,9 +3,13 @@
   ListedImages      (driver-side listing) -> PCollection[(shard, ImageRecord)]
   GroupByShard      the fusion break: groups the small listing (never pair payloads) by shard
   WriteShards       read + decode + resize + generate + serialise + write one shard per group;
-                    main output: shard results, tagged output 'failed': one dict per skipped image
+                    one output of (kind, dict): ('shard', result) per shard, ('failed', dict) per skipped image
   FinalizeSplit     failed_images-<split>.jsonl + the split's summary (counts, shards)
   WriteDatasetInfo  dataset_info.json, last, atomically
+
+Only Create, ParDo, GroupByKey and Flatten, one output per ParDo, no side inputs, and every step feeding
+the last one: the subset that every runner translates (Beam 2.77's DaskRunner separates no tagged
+outputs, recomputes side inputs inside tasks and computes only the graph's last step).
 
 Images are assigned to shards in the driver (round robin over the id-sorted listing) and each shard is
 written by one DoFn call from its id-sorted images, so shard files are identical byte for byte whatever
@@ -77,8 +81,7 @@ class _WriteShardFn(beam.DoFn):
 
     def _failed(self, record, reason: str, detail: str):
         Metrics.counter(NAMESPACE, f"{self._split}_images_failed_{reason}").inc()
-        return beam.pvalue.TaggedOutput("failed", {
-            "image_id": record.image_id, "path": record.path, "reason": reason, "detail": detail})
+        return "failed", {"image_id": record.image_id, "path": record.path, "reason": reason, "detail": detail}
 
     def process(self, element):
         shard, records = element
@@ -113,22 +116,25 @@ class _WriteShardFn(beam.DoFn):
         self._shards.inc()
         logging.info("%s shard %d/%d: %d images, %d pairs in %.1fs -> %s", self._split, shard + 1,
                      self._num_shards, used, count, time.time() - t0, file_name)
-        yield {"index": shard, "file": file_name, "num_examples": count, "images_used": used}
+        yield "shard", {"index": shard, "file": file_name, "num_examples": count, "images_used": used}
 
 
 class WriteShards(beam.PTransform):
-    """(shard, [ImageRecord]) -> shard results; tagged output 'failed' lists the skipped images."""
+    """(shard, [ImageRecord]) -> ('shard', result) per shard and ('failed', dict) per skipped image."""
 
     def __init__(self, output_dir, name, split, num_shards, config, reduced_decode=True):
         super().__init__()
         self._fn = _WriteShardFn(output_dir, name, split, num_shards, config, reduced_decode)
 
     def expand(self, pcoll):
-        return pcoll | "GenerateAndWrite" >> beam.ParDo(self._fn).with_outputs("failed", main="shards")
+        return pcoll | "GenerateAndWrite" >> beam.ParDo(self._fn)
 
 
-def _finalize_split(_, shards: list, failed: list, *, output_dir, name, split, source_split, source,
-                    images_listed, num_shards):
+def _finalize_split(keyed, *, output_dir, name, split, source_split, source, images_listed, num_shards):
+    _, results = keyed
+    results = list(results)
+    shards = [r for kind, r in results if kind == "shard"]
+    failed = [r for kind, r in results if kind == "failed"]
     by_index = {s["index"]: s for s in shards}
     for i in range(num_shards):  # a shard that got no images still exists, empty, so names stay i-of-N
         if i not in by_index:
@@ -159,20 +165,24 @@ def _finalize_split(_, shards: list, failed: list, *, output_dir, name, split, s
 class FinalizeSplit(beam.PTransform):
     """Waits for every shard of the split, writes failed_images-<split>.jsonl, emits the split summary."""
 
-    def __init__(self, failed, **kwargs):
+    def __init__(self, **kwargs):
         super().__init__()
-        self._failed = failed
         self._kwargs = kwargs
 
-    def expand(self, shards):
-        pbegin = shards.pipeline
-        return (pbegin
-                | "Once" >> beam.Create([None])
-                | "Summarize" >> beam.Map(_finalize_split, beam.pvalue.AsList(shards),
-                                          beam.pvalue.AsList(self._failed), **self._kwargs))
+    def expand(self, results):
+        # One key, one group: a GroupByKey instead of side inputs, so every runner waits for all shards.
+        return (results
+                | "Key" >> beam.Map(_keyed, self._kwargs["split"])
+                | "Gather" >> beam.GroupByKey()
+                | "Summarize" >> beam.Map(_finalize_split, **self._kwargs))
 
 
-def _write_info(_, summaries: list, *, output_dir, header):
+def _keyed(value, key):
+    return key, value
+
+
+def _write_info(keyed, *, output_dir, header):
+    summaries = list(keyed[1])
     raw = dict(header)
     raw["splits"] = {}
     for s in sorted(summaries, key=lambda d: list(d)[0]):
@@ -190,7 +200,7 @@ class WriteDatasetInfo(beam.PTransform):
         self._header = header
 
     def expand(self, summaries):
-        return (summaries.pipeline
-                | "Once" >> beam.Create([None])
-                | "Write" >> beam.Map(_write_info, beam.pvalue.AsList(summaries),
-                                      output_dir=self._output_dir, header=self._header))
+        return (summaries
+                | "Key" >> beam.Map(_keyed, "dataset")
+                | "Gather" >> beam.GroupByKey()
+                | "Write" >> beam.Map(_write_info, output_dir=self._output_dir, header=self._header))

@@ -1,0 +1,149 @@
+"""Runner set-up shared by pipeline.build and pipeline.audit: DirectRunner by default, and Beam's
+DaskRunner on a dask.distributed cluster (`--runner=DaskRunner`).
+
+  --runner=DaskRunner --dask_client_address=tcp://HOST:8786   a running scheduler (`dask scheduler`)
+  --runner=DaskRunner [--dask_local_workers=N]                 a LocalCluster of N worker processes
+                                                               (0 = one per core), closed at the end
+
+Before the job: an unreachable scheduler, a scheduler without workers, or input/output paths that a
+worker cannot see are refused with one line (RunnerError). After it, the runner's client is closed
+(Beam 2.77's DaskRunner leaves it open) and so is any LocalCluster started here.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+
+from absl import logging
+from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+
+DASK_RUNNER = "apache_beam.runners.dask.dask_runner.DaskRunner"
+CONNECT_TIMEOUT_S = 10
+WORKER_WAIT_S = 60
+
+
+class RunnerError(ValueError):
+    """A runner set-up that cannot work; the message names the problem."""
+
+
+_LOCAL_OPTIONS = []
+
+
+def _local_dask_options():
+    """Registered on first use only: a PipelineOptions subclass is parsed into every runner's options,
+    and other runners' workers would warn about the unknown flag."""
+    if not _LOCAL_OPTIONS:
+        class LocalDaskOptions(PipelineOptions):
+            @classmethod
+            def _add_argparse_args(cls, parser):
+                parser.add_argument("--dask_local_workers", type=int, default=0,
+                                    help="DaskRunner without --dask_client_address: worker processes of the "
+                                         "LocalCluster started for the job (one thread each); 0 = one per core")
+        _LOCAL_OPTIONS.append(LocalDaskOptions)
+    return _LOCAL_OPTIONS[0]
+
+
+def set_default_runner(options: PipelineOptions) -> str:
+    """DirectRunner unless --runner names one (Beam 2.77 would try Prism first); 'DaskRunner' is
+    accepted as the short name Beam lacks for it. Returns the runner's name."""
+    std = options.view_as(StandardOptions)
+    if not std.runner:
+        std.runner = "DirectRunner"
+    elif str(std.runner) in ("DaskRunner", "dask"):
+        std.runner = DASK_RUNNER
+    return str(std.runner)
+
+
+def is_dask(options: PipelineOptions) -> bool:
+    return str(options.view_as(StandardOptions).runner).rsplit(".", 1)[-1] == "DaskRunner"
+
+
+def _dask_options(options):
+    try:
+        from apache_beam.runners.dask.dask_runner import DaskOptions
+        import distributed  # noqa: F401
+    except ImportError as e:
+        raise RunnerError(f"DaskRunner needs apache-beam[dask] (dask, distributed): {e}") from e
+    return options.view_as(DaskOptions)
+
+
+def _sees_paths(paths):  # runs on each worker
+    return [p for p in paths if not os.path.exists(p)]
+
+
+@contextlib.contextmanager
+def session(options: PipelineOptions, *, worker_paths=(), partitions: int = 0):
+    """Around building and running a pipeline. For DaskRunner: starts a LocalCluster when no scheduler
+    is named, refuses an unreachable or worker-less scheduler and local paths a worker cannot see
+    (worker_paths), and sets --dask_npartitions to `partitions` unless given (the runner's default of
+    128 elements per partition would put a whole small listing in one task). Other runners: nothing."""
+    set_default_runner(options)
+    if not is_dask(options):
+        yield
+        return
+    dopts = _dask_options(options)
+    from distributed import Client, LocalCluster
+
+    cluster = None
+    if not dopts.address and not dopts.scheduler_file:
+        n = options.view_as(_local_dask_options()).dask_local_workers or os.cpu_count() or 1
+        # Processes, not threads: the DoFns are CPU-bound Python; 127.0.0.1 only, no dashboard.
+        cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True, host="127.0.0.1",
+                               dashboard_address=None)
+        dopts.address = cluster.scheduler_address
+        logging.info("DaskRunner: started a LocalCluster of %d worker processes at %s", n, dopts.address)
+    try:
+        where = dopts.address or f"scheduler file {dopts.scheduler_file}"
+        try:
+            client = Client(address=dopts.address, scheduler_file=dopts.scheduler_file,
+                            timeout=dopts.timeout if isinstance(dopts.timeout, int) else CONNECT_TIMEOUT_S,
+                            set_as_default=False)
+        except (OSError, TimeoutError, ValueError) as e:
+            raise RunnerError(f"cannot reach the dask scheduler at {where}: {type(e).__name__}: {e}") from e
+        try:
+            try:
+                client.wait_for_workers(1, timeout=WORKER_WAIT_S)
+            except TimeoutError as e:
+                raise RunnerError(f"the dask scheduler at {where} has no workers after {WORKER_WAIT_S} s "
+                                  f"(start some with `dask worker {dopts.address or 'ADDRESS'}`)") from e
+            local = [p for p in worker_paths if p and "://" not in p]
+            if local:
+                missing = {w: m for w, m in client.run(_sees_paths, local).items() if m}
+                if missing:
+                    w, m = sorted(missing.items())[0]
+                    raise RunnerError(f"dask worker {w} cannot see {', '.join(m)}: data and output must be on a "
+                                      f"filesystem every worker mounts at the same path")
+            workers = client.scheduler_info()["workers"]
+            logging.info("DaskRunner: %d workers, %d threads at %s", len(workers),
+                         sum(w.get("nthreads", 1) for w in workers.values()), where)
+        finally:
+            client.close()
+        if partitions and not dopts.npartitions and not dopts.partition_size:
+            dopts.npartitions = partitions
+        yield
+    finally:
+        if cluster is not None:
+            cluster.close()
+
+
+def close(result) -> None:
+    """Closes the client a DaskRunner job opened (a no-op for other runners' results)."""
+    client = getattr(result, "client", None)
+    if client is not None and hasattr(client, "close"):
+        client.close()
+
+
+def counters(result, namespace: str):
+    """{name: committed} of the job's Beam counters in namespace, or None where the runner keeps none
+    (Beam 2.77's DaskRunnerResult.metrics() raises NotImplementedError)."""
+    from apache_beam.metrics.metric import MetricsFilter
+    try:
+        found = result.metrics().query(MetricsFilter().with_namespace(namespace))["counters"]
+    except NotImplementedError:
+        logging.warning("%s collects no Beam metrics; the counts are in the job's own output",
+                        type(result).__name__)
+        return None
+    except Exception as e:  # metrics are a convenience; never fail a finished job over them
+        logging.warning("could not read Beam metrics: %s", e)
+        return None
+    return {c.key.metric.name: c.committed for c in sorted(found, key=lambda c: c.key.metric.name)}
