@@ -59,9 +59,9 @@ def resolve_methods(names: list | None, model_dir: str | None) -> tuple:
 def check_directions(sequences: list, mode: str) -> dict:
     """sequence name -> {k: {'scores', 'verdict'}}; RealPairsError for a wrong direction when mode is refuse."""
     out = {}
+    if mode == "off":
+        return out
     for seq in sequences:
-        if mode == "off":
-            break
         gray_1 = real_pairs.read_gray(seq.images[1])
         out[seq.name] = {}
         for k in seq.pairs():
