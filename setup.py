@@ -25,5 +25,6 @@ setuptools.setup(
     python_requires=">=3.10,<3.13",
     packages=setuptools.find_packages(include=["pipeline", "pipeline.*", "model", "model.*", "data", "data.*", "bench", "bench.*"]),
     install_requires=REQUIRED,
-    extras_require={"test": ["pytest", "pytest-xdist"]},
+    # torch: for the tests of the PyTorch reader (pipeline.records_torch); its CPU build is all they need
+    extras_require={"test": ["pytest", "pytest-xdist", "torch==2.13.0"]},
 )

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import copy
 import multiprocessing
 import os
 import struct
@@ -36,7 +37,7 @@ from pipeline import dataset_info, schema, tf_example
 from pipeline.dataset_info import DatasetError
 
 __all__ = ["CorruptShardError", "DatasetError", "SplitSource", "open_split", "write_record", "iter_records",
-           "decode_batch", "batches", "num_batches", "DEFAULT_SHUFFLE_BUFFER"]
+           "decode_batch", "batches", "iter_batches", "model_inputs", "num_batches", "DEFAULT_SHUFFLE_BUFFER"]
 
 # tf.data's usual 10,000-record buffer is 330 MB at P=128 grayscale; 8,192 spans ~4 shards of ~2,000
 # records, on top of a shard order reshuffled every epoch.
@@ -153,6 +154,18 @@ class SplitSource:
         self.image_width, self.image_height = c.image_width, c.image_height
         self.num_examples = s.num_examples
         self.shards = list(zip(s.shard_files, s.shard_counts))
+
+    def subset(self, index: int, count: int) -> "SplitSource":
+        """Shards index, index + count, ...: one of `count` disjoint parts (data-loader workers, hosts)."""
+        if not 0 <= index < count:
+            raise ValueError(f"part {index} of {count} does not exist")
+        if count > len(self.shards):
+            raise DatasetError(f"split '{self.split}' of {self.data_dir} has {len(self.shards)} shards: too few "
+                               f"to feed {count} readers apart (rebuild with --num_shards >= {count})")
+        part = copy.copy(self)
+        part.shards = self.shards[index::count]
+        part.num_examples = sum(n for _, n in part.shards)
+        return part
 
 
 def open_split(data_dir: str, split: str) -> SplitSource:
@@ -297,9 +310,17 @@ def batches(data_dir: str, split: str, batch_size: int, *, shuffle: bool = False
     Raises DatasetError (missing index, missing shard, a shard's record count not the index's, a record
     outside the schema) and CorruptShardError (bad framing or CRC: shard path and byte offset).
     """
+    return iter_batches(open_split(data_dir, split), batch_size, shuffle=shuffle, seed=seed, repeat=repeat,
+                        drop_remainder=drop_remainder, workers=workers, shuffle_buffer=shuffle_buffer,
+                        mp_context=mp_context)
+
+
+def iter_batches(source: SplitSource, batch_size: int, *, shuffle: bool = False, seed=None, repeat: bool = False,
+                 drop_remainder: bool = False, workers: int = 0, shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER,
+                 mp_context: str = "spawn") -> Iterator[dict]:
+    """batches() over an opened (possibly subset) split; seed may also be a sequence of ints."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    source = open_split(data_dir, split)
     return _batches(source, batch_size, shuffle, seed, repeat, drop_remainder, workers, shuffle_buffer, mp_context)
 
 
@@ -309,6 +330,20 @@ def _batches(source, batch_size, shuffle, seed, repeat, drop_remainder, workers,
     if shuffle and shuffle_buffer > 1:
         records = _shuffled(records, shuffle_buffer, rng, batch_size)
     yield from _rebatch(records, batch_size, drop_remainder)
+
+
+_SCALE = np.arange(256, dtype=np.float32) / np.float32(127.5) - np.float32(1.0)  # uint8 -> [-1, 1], per value
+
+
+def model_inputs(batch: dict, rho: float) -> tuple:
+    """(inputs, labels) as HomographyNet takes them, in numpy: the same numbers as model.data's
+    normalize (concat([a, b], channels) / 127.5 - 1, float32) and scale_labels (offsets / rho)."""
+    a, b = batch[schema.PATCH_A], batch[schema.PATCH_B]
+    c = a.shape[-1]
+    x = np.empty(a.shape[:-1] + (2 * c,), np.float32)
+    x[..., :c] = _SCALE[a]  # a table lookup: the same float32 arithmetic, done once per grey level
+    x[..., c:] = _SCALE[b]
+    return x, batch[schema.OFFSETS].astype(np.float32) / np.float32(rho)
 
 
 def num_batches(num_examples: int, batch_size: int, drop_remainder: bool) -> int:
