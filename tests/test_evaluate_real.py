@@ -162,7 +162,8 @@ def copy_with_truth(sequences, tmp_path, name, k, truth):
 
 @pytest.mark.parametrize("name,k,wrong,verdict", [
     ("v_coco", 3, np.linalg.inv(STRONG), "inverted"), ("v_coco", 3, STRONG.T, "transposed"),
-    ("graf_coco", 2, np.linalg.inv(MODERATE), "inverted")])
+    ("graf_coco", 2, np.linalg.inv(MODERATE), "inverted"),
+    ("i_coco", 3, np.linalg.inv(SHIFT), "inverted")])  # a 3 px shift under a brightness change
 def test_direction_check_catches_a_wrong_direction(sequences, tmp_path, name, k, wrong, verdict):
     pairs_dir = copy_with_truth(sequences, tmp_path, name, k, wrong / wrong[2, 2])
     with pytest.raises(RealPairsError, match=f"pair 1-{k} looks {verdict}"):
@@ -171,7 +172,7 @@ def test_direction_check_catches_a_wrong_direction(sequences, tmp_path, name, k,
                                          direction_check="warn", figures=False)
     assert report["direction_warnings"] == [f"{name} 1-{k}: {verdict}"]
     check = report["pairs"][k - 2]["direction_check"]
-    assert check["scores"][verdict] > 0.5 > check["scores"]["given"] + 0.2
+    assert check["scores"][verdict] > 0.9 and check["scores"]["given"] < 0.5
 
 
 def run_cli(*args):
