@@ -12,6 +12,7 @@ worker cannot see are refused with one line (RunnerError). After it, the runner'
 from __future__ import annotations
 
 import contextlib
+import logging as std_logging
 import os
 
 from absl import logging
@@ -83,6 +84,8 @@ def session(options: PipelineOptions, *, worker_paths=(), partitions: int = 0):
         return
     dopts = _dask_options(options)
     from distributed import Client, LocalCluster
+
+    std_logging.getLogger("distributed").setLevel(std_logging.WARNING)  # INFO: a line per connection
 
     cluster = None
     if not dopts.address and not dopts.scheduler_file:
