@@ -239,17 +239,16 @@ def tiny_run(tmp_path_factory):
 
 
 def test_network_goes_through_model_predict(sequences, tiny_run, tmp_path):
-    from model import predict
+    from model import evaluate, predict
 
     one = os.path.join(sequences, "v_coco")
     report = evaluate_real.evaluate_real(one, str(tmp_path), methods=["identity", "network"], model_dir=tiny_run,
                                          figures=False)
     assert report["model"]["patch_size"] == 128 and report["overall"]["network"]["num_pairs"] == 2
+    model, _ = evaluate.load_run(tiny_run)
     for p in report["pairs"]:
         # H_1_k is predict's H with A = image k and B = image 1, in the images' own pixels.
         with open(p["image_k"], "rb") as fa, open(p["image_1"], "rb") as fb:
-            from model import evaluate
-            model, run = evaluate.load_run(tiny_run)
             expected = predict.predict_homography(fa.read(), fb.read(), "network", model=model, rho=32.0).homography
         np.testing.assert_allclose(p["methods"]["network"]["homography"], expected, rtol=1e-4, atol=1e-4)
         assert p["methods"]["network"]["error"] == pytest.approx(
