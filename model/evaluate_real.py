@@ -110,6 +110,8 @@ def evaluate_real(pairs_dir: str, output_dir: str, *, methods: list | None = Non
     """Evaluates every method on every pair under pairs_dir; writes the report; returns its dict."""
     if direction_check not in DIRECTION_MODES:
         raise RealPairsError(f"direction_check must be one of {', '.join(DIRECTION_MODES)}, got '{direction_check}'")
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise RealPairsError(f"output_dir {output_dir} is a file, not a folder")
     names, model_dir = resolve_methods(methods, model_dir)
     sequences = real_pairs.discover(pairs_dir)  # every folder read and checked before any work
     directions = check_directions(sequences, direction_check)
@@ -187,6 +189,8 @@ def main(argv):
                                command=" ".join(["python -m model.evaluate_real"] + sys.argv[1:]))
     except RealPairsError as e:
         return cli.fail("model.evaluate_real", str(e))
+    except OSError as e:  # an output_dir that cannot be written
+        return cli.fail("model.evaluate_real", f"{e.filename or FLAGS.output_dir}: {e.strerror or e}")
     print(summary_text(report, FLAGS.output_dir))
     return 0
 
