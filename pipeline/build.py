@@ -7,7 +7,6 @@
 """
 from __future__ import annotations
 
-import math
 import os
 import sys
 import time
@@ -17,12 +16,10 @@ from absl import flags, logging
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions, TestOptions
 
-from pipeline import cli, coco, dataset_info, runners, schema, transforms
+from pipeline import cli, coco, dataset_info, runners, schema, shards, transforms
 from pipeline.geometry import PairConfig
 
 DEFAULT_SPLITS = "train=train2017,validation=val2017"
-TARGET_SHARD_BYTES = 64 << 20  # ~64 MiB a shard: enough files to interleave, few enough to list
-MIN_SHARDS = 8
 
 
 class BuildError(ValueError):
@@ -31,23 +28,13 @@ class BuildError(ValueError):
 
 def parse_splits(text: str) -> dict:
     """'train=train2017,validation=val2017' -> {'train': 'train2017', 'validation': 'val2017'}."""
-    splits = {}
-    for item in filter(None, (t.strip() for t in text.split(","))):
-        name, sep, source = item.partition("=")
-        if not sep or not name.strip() or not source.strip():
-            raise BuildError(f"--splits item '{item}' is not NAME=COCO_SPLIT (e.g. train=train2017)")
-        if name.strip() in splits:
-            raise BuildError(f"--splits names split '{name.strip()}' twice")
-        splits[name.strip()] = source.strip()
-    if not splits:
-        raise BuildError("--splits is empty")
-    return splits
+    try:
+        return shards.parse_splits(text)
+    except ValueError as e:
+        raise BuildError(str(e)) from e
 
 
-def auto_num_shards(num_images: int, config: PairConfig) -> int:
-    record_bytes = 2 * config.patch_size ** 2 * config.channels + 200
-    total = num_images * config.patches_per_image * record_bytes
-    return max(1, min(num_images, max(MIN_SHARDS, math.ceil(total / TARGET_SHARD_BYTES))))
+auto_num_shards = shards.auto_num_shards
 
 
 _OUR_FILES = ("*.tfrecord-*-of-*", "failed_images-*.jsonl", schema.DATASET_INFO + "*")
@@ -117,12 +104,8 @@ def _run(listings, shard_counts, output_dir, config, name, reduced_decode, overw
     if not dry_run:
         prepare_output_dir(output_dir, overwrite)
     started = time.time()
-    header = {"name": name, "format_version": dataset_info.FORMAT_VERSION,
-              "config": {k: getattr(config, k) for k in ("patch_size", "rho", "image_width", "image_height",
-                                                            "channels", "patches_per_image", "seed")},
-              "build": {"runner": str(options.view_as(StandardOptions).runner), "argv": sys.argv,
-                        "reduced_decode": reduced_decode,
-                        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}}
+    header = shards.header(config, name, str(options.view_as(StandardOptions).runner), sys.argv, reduced_decode,
+                           time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     pipeline = beam.Pipeline(options=options)
     summaries = []
     for split, (records, source, source_split) in listings.items():

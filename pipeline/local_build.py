@@ -129,18 +129,10 @@ def _define_flags():
 
 
 def parse_splits(text: str) -> dict:
-    """'train=train2017,validation=val2017' -> {'train': 'train2017', 'validation': 'val2017'}."""
-    splits = {}
-    for item in filter(None, (t.strip() for t in text.split(","))):
-        split, sep, source = (s.strip() for s in item.partition("="))
-        if not sep or not split or not source:
-            raise LocalBuildError(f"--splits item '{item}' is not NAME=COCO_SPLIT (e.g. train=train2017)")
-        if split in splits:
-            raise LocalBuildError(f"--splits names split '{split}' twice")
-        splits[split] = source
-    if not splits:
-        raise LocalBuildError("--splits is empty")
-    return splits
+    try:
+        return shards.parse_splits(text)
+    except ValueError as e:
+        raise LocalBuildError(str(e)) from e
 
 
 def main(argv):

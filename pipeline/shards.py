@@ -16,7 +16,22 @@ import cv2
 from pipeline import coco, dataset_info, geometry, records, schema
 
 MIN_SHARDS = 8
-TARGET_SHARD_BYTES = 64 * 2**20
+TARGET_SHARD_BYTES = 64 * 2**20  # ~64 MiB a shard: enough files to interleave, few enough to list
+
+
+def parse_splits(text: str) -> dict:
+    """'train=train2017,validation=val2017' -> {'train': 'train2017', 'validation': 'val2017'}; ValueError."""
+    splits = {}
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        split, sep, source = (s.strip() for s in item.partition("="))
+        if not sep or not split or not source:
+            raise ValueError(f"--splits item '{item}' is not NAME=COCO_SPLIT (e.g. train=train2017)")
+        if split in splits:
+            raise ValueError(f"--splits names split '{split}' twice")
+        splits[split] = source
+    if not splits:
+        raise ValueError("--splits is empty")
+    return splits
 
 
 def shard_name(name: str, split: str, index: int, num_shards: int) -> str:

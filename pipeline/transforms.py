@@ -17,7 +17,6 @@ the runner, the worker count or the bundle split, and no runner ever groups pair
 """
 from __future__ import annotations
 
-import json
 import logging
 import time
 
@@ -26,21 +25,10 @@ import cv2
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
-from pipeline import coco, dataset_info, geometry, schema
-# TFRecord framing without TensorFlow; shards still go through FileSystems like all other I/O.
-from pipeline.records import write_record
+from pipeline import dataset_info, geometry, shards
+from pipeline.shards import assign_shards, shard_name  # noqa: F401 (the steps' vocabulary, used by tests)
 
 NAMESPACE = "homography"
-
-
-def shard_name(name: str, split: str, index: int, num_shards: int) -> str:
-    return f"{schema.shard_prefix(name, split)}-{index:05d}-of-{num_shards:05d}"
-
-
-def assign_shards(records: list, num_shards: int) -> list:
-    """Round robin over the id-sorted listing: balanced and independent of any runner."""
-    ordered = sorted(records, key=lambda r: r.image_id)
-    return [(i % num_shards, r) for i, r in enumerate(ordered)]
 
 
 class ListedImages(beam.PTransform):
@@ -79,37 +67,25 @@ class _WriteShardFn(beam.DoFn):
     def setup(self):
         cv2.setNumThreads(1)  # one image per core already; OpenCV's own threads only oversubscribe
 
-    def _failed(self, record, reason: str, detail: str):
-        Metrics.counter(NAMESPACE, f"{self._split}_images_failed_{reason}").inc()
-        return "failed", {"image_id": record.image_id, "path": record.path, "reason": reason, "detail": detail}
-
     def process(self, element):
         shard, records = element
-        records = sorted(records, key=lambda r: r.image_id)
-        cfg = self._config
         file_name = shard_name(self._name, self._split, shard, self._num_shards)
-        path = dataset_info.join(self._output_dir, file_name)
-        count = used = 0
-        t0 = time.time()
-        with FileSystems.create(path) as writer:
-            for record in records:
-                t_image = time.time()
-                try:
-                    data = coco.read_bytes(record.path)
-                    src = (record.width, record.height) if self._reduced_decode else (0, 0)
-                    image = coco.decode_resize(data, cfg.image_width, cfg.image_height, cfg.channels, src)
-                except coco.ImageError as e:
-                    yield self._failed(record, e.reason, e.detail)
-                    continue
-                except cv2.error as e:
-                    yield self._failed(record, "undecodable", f"OpenCV: {str(e).strip()[:200]}")
-                    continue
-                for pair in geometry.generate_pairs(image, cfg, self._split, record.image_id):
-                    write_record(writer, schema.encode(pair.patch_a, pair.patch_b, pair.offsets, pair.corners,
-                                               record.image_id, pair.patch_index))
-                    count += 1
-                used += 1
+        t0 = t_image = time.time()
+
+        def on_image(record, error):  # Beam metrics per image; the shard itself is pipeline.shards' work
+            nonlocal t_image
+            if error:
+                Metrics.counter(NAMESPACE, f"{self._split}_images_failed_{error.reason}").inc()
+            else:
                 self._seconds.update(int(1000 * (time.time() - t_image)))
+            t_image = time.time()
+
+        # Shards go through FileSystems like all other I/O (gs:// on Dataflow).
+        with FileSystems.create(dataset_info.join(self._output_dir, file_name)) as writer:
+            count, used, failed = shards.write_shard(writer, records, self._config, self._split,
+                                                     self._reduced_decode, on_image)
+        for f in failed:
+            yield "failed", f
         self._images_listed.inc(len(records))
         self._images_used.inc(used)
         self._pairs.inc(count)
@@ -133,33 +109,15 @@ class WriteShards(beam.PTransform):
 def _finalize_split(keyed, *, output_dir, name, split, source_split, source, images_listed, num_shards):
     _, results = keyed
     results = list(results)
-    shards = [r for kind, r in results if kind == "shard"]
+    written = [r for kind, r in results if kind == "shard"]
     failed = [r for kind, r in results if kind == "failed"]
-    by_index = {s["index"]: s for s in shards}
-    for i in range(num_shards):  # a shard that got no images still exists, empty, so names stay i-of-N
-        if i not in by_index:
-            file_name = shard_name(name, split, i, num_shards)
-            FileSystems.create(dataset_info.join(output_dir, file_name)).close()
-            by_index[i] = {"index": i, "file": file_name, "num_examples": 0, "images_used": 0}
-    failed = sorted(failed, key=lambda f: f["image_id"])
-    failed_file = schema.failed_images_file(split)
-    with FileSystems.create(dataset_info.join(output_dir, failed_file)) as f:
-        f.write("".join(json.dumps(x, sort_keys=True) + "\n" for x in failed).encode("utf-8"))
-    reasons = {}
-    for x in failed:
-        reasons[x["reason"]] = reasons.get(x["reason"], 0) + 1
-    ordered = [by_index[i] for i in range(num_shards)]
-    return {split: {
-        "source_split": source_split,
-        "source": source,
-        "images_listed": images_listed,
-        "images_used": sum(s["images_used"] for s in ordered),
-        "images_failed": len(failed),
-        "failed_by_reason": dict(sorted(reasons.items())),
-        "num_examples": sum(s["num_examples"] for s in ordered),
-        "failed_images_file": failed_file,
-        "shards": [{"file": s["file"], "num_examples": s["num_examples"]} for s in ordered],
-    }}
+    summary, empty = shards.split_summary(written, failed, name=name, split=split, source_split=source_split,
+                                          source=source, images_listed=images_listed, num_shards=num_shards)
+    for file_name in empty:
+        FileSystems.create(dataset_info.join(output_dir, file_name)).close()
+    with FileSystems.create(dataset_info.join(output_dir, summary["failed_images_file"])) as f:
+        f.write(shards.failed_lines(failed))
+    return {split: summary}
 
 
 class FinalizeSplit(beam.PTransform):
