@@ -4,23 +4,29 @@ Training and evaluation read through here, so there is one normalisation and one
   inputs = normalize(patch_a, patch_b): the two uint8 patches stacked on channels, x / 127.5 - 1,
            float32 in [-1, 1], shape (B, P, P, 2C) with patch A's channels first;
   labels = offsets / rho: float32 (B, 8), (dx, dy) for TL, TR, BR, BL, in [-1, 1].
+
+Two readers behind one interface (train_batches, eval_batches, parsed_batches): tf.data where TensorFlow
+is installed and Keras runs on it; otherwise the project's TensorFlow-free reader (pipeline.records), for
+Keras on JAX. TensorFlow is imported only by the tf.data functions, so this module imports without it.
+A damaged shard (cut short, or a record whose CRC fails) surfaces as DamagedShardError naming the shard
+and the byte offset, whichever reader met it.
 """
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 
 import numpy as np
-import tensorflow as tf
 
 from pipeline import dataset_info, schema
 from pipeline.dataset_info import DatasetError  # re-exported: the one "bad dataset" error
 
-AUTOTUNE = tf.data.AUTOTUNE
 MAX_CYCLE_LENGTH = 16  # shards read at once; more only adds open files and memory
 
-__all__ = ["DatasetError", "DataConfig", "dataset_config", "normalize", "scale_labels",
-           "make_dataset", "read_batches", "input_throughput"]
+__all__ = ["DatasetError", "DamagedShardError", "DataConfig", "dataset_config", "normalize", "scale_labels",
+           "make_dataset", "read_batches", "input_throughput", "train_batches", "eval_batches",
+           "parsed_batches", "uses_tf_data"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,19 +41,28 @@ class DataConfig:
     split: str
     num_examples: int
     shard_files: tuple
+    shard_counts: tuple = ()  # records per shard, as dataset_info.json lists them
 
 
 def dataset_config(data_dir: str, split: str) -> DataConfig:
     """Reads dataset_info.json; raises DatasetError for a missing index, unknown/empty split, lost shards."""
     info = dataset_info.read(data_dir)
     s = info.split(split)  # DatasetError on an unknown or empty split
-    missing = [f for f in s.shard_files if not tf.io.gfile.exists(f)]
+    missing = [f for f in s.shard_files if not _exists(f)]
     if missing:
         raise DatasetError(f"split '{split}' of {data_dir}: {len(missing)} shard file(s) listed in "
                            f"{schema.DATASET_INFO} are missing, e.g. {missing[0]}")
     c = info.config
     return DataConfig(c.patch_size, c.channels, c.rho, c.image_width, c.image_height, split,
-                      s.num_examples, tuple(s.shard_files))
+                      s.num_examples, tuple(s.shard_files), tuple(s.shard_counts))
+
+
+def _exists(path: str) -> bool:
+    if "://" not in path:
+        return os.path.exists(path)
+    import tensorflow as tf  # remote shards are read by tf.data, so TensorFlow is there
+
+    return tf.io.gfile.exists(path)
 
 
 def normalize(patch_a, patch_b):
@@ -58,14 +73,18 @@ def normalize(patch_a, patch_b):
     if isinstance(patch_a, np.ndarray) and isinstance(patch_b, np.ndarray):
         x = np.concatenate([patch_a, patch_b], axis=-1).astype(np.float32)
         return x / np.float32(127.5) - np.float32(1.0)
+    import tensorflow as tf
+
     x = tf.cast(_stack_channels(tf.convert_to_tensor(patch_a), tf.convert_to_tensor(patch_b)), tf.float32)
     return x / 127.5 - 1.0
 
 
-def _stack_channels(a: tf.Tensor, b: tf.Tensor) -> tf.Tensor:
+def _stack_channels(a, b):
     """tf.concat([a, b], -1), fast for one uint8 channel each: a channel-axis concat of 1-byte elements is a
     strided copy (~10k pairs/s on 2 cores); packing each pixel pair into a uint16 and bitcasting back to
     bytes gives the same (..., P, P, 2) tensor ~6x faster (bench.input)."""
+    import tensorflow as tf
+
     if a.dtype == tf.uint8 and b.dtype == tf.uint8 and a.shape[-1] == 1 and b.shape[-1] == 1 \
             and sys.byteorder == "little":  # little-endian: the low byte (patch A) comes first
         return tf.bitcast(tf.cast(a[..., 0], tf.uint16) + tf.cast(b[..., 0], tf.uint16) * 256, tf.uint8)
@@ -74,10 +93,16 @@ def _stack_channels(a: tf.Tensor, b: tf.Tensor) -> tf.Tensor:
 
 def scale_labels(offsets, rho: float):
     """Offsets in pixels -> regression targets in [-1, 1] (the inverse is `* rho`)."""
+    if isinstance(offsets, np.ndarray):
+        return offsets.astype(np.float32) / np.float32(rho)
+    import tensorflow as tf
+
     return tf.cast(offsets, tf.float32) / float(rho)
 
 
 def _to_model_io(config: DataConfig, static_batch: int | None):
+    import tensorflow as tf
+
     def fn(serialized):
         parsed = schema.parse_batch(serialized, config.patch_size, config.channels)
         x = normalize(parsed[schema.PATCH_A], parsed[schema.PATCH_B])
@@ -89,26 +114,37 @@ def _to_model_io(config: DataConfig, static_batch: int | None):
     return fn
 
 
-def _records(config: DataConfig, training: bool, seed) -> tf.data.Dataset:
-    files = tf.data.Dataset.from_tensor_slices(list(config.shard_files))
+def _records(config: DataConfig, training: bool, seed):
+    import tensorflow as tf
+
+    files = tf.data.Dataset.from_tensor_slices((list(config.shard_files),
+                                                tf.constant(list(config.shard_counts), tf.int64)))
+
+    def read(path, count):
+        # TFRecordDataset ends a shard silently where it was cut inside a record header; the count from
+        # dataset_info.json turns that into an error (FailedPrecondition "expected to contain N elements").
+        return tf.data.TFRecordDataset(path).apply(tf.data.experimental.assert_cardinality(count))
+
     if not training:
-        return tf.data.TFRecordDataset(files)  # one file after the other: deterministic order
+        return files.flat_map(read)  # one file after the other: deterministic order
     # Pairs of one image sit next to each other in a shard: read many shards at once, in a shuffled
     # order, and let the shuffle buffer mix them further.
     files = files.shuffle(len(config.shard_files), seed=seed, reshuffle_each_iteration=True)
-    return files.interleave(tf.data.TFRecordDataset, cycle_length=min(len(config.shard_files), MAX_CYCLE_LENGTH),
-                            block_length=1, num_parallel_calls=AUTOTUNE, deterministic=False)
+    return files.interleave(read, cycle_length=min(len(config.shard_files), MAX_CYCLE_LENGTH),
+                            block_length=1, num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
 
 
 def make_dataset(data_dir: str, split: str, batch_size: int, *, training: bool, shuffle_buffer: int = 10000,
                  repeat: bool | None = None, seed: int | None = None,
-                 drop_remainder: bool | None = None) -> tf.data.Dataset:
+                 drop_remainder: bool | None = None):
     """(inputs, labels) batches: inputs float32 (B, P, P, 2C) from `normalize`, labels float32 (B, 8) = offsets/rho.
 
     training=True: shards interleaved in parallel (non-deterministic), shuffled, repeated forever and
     full batches only (unless repeat / drop_remainder say otherwise). training=False: one pass in
     the order of dataset_info.json, last batch kept. Records are parsed a whole batch at a time.
     """
+    import tensorflow as tf
+
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     config = dataset_config(data_dir, split)
@@ -120,26 +156,136 @@ def make_dataset(data_dir: str, split: str, batch_size: int, *, training: bool, 
     if repeat:
         ds = ds.repeat()
     ds = ds.batch(batch_size, drop_remainder=drop_remainder)
-    ds = ds.map(_to_model_io(config, batch_size if drop_remainder else None), num_parallel_calls=AUTOTUNE, deterministic=not training)
+    ds = ds.map(_to_model_io(config, batch_size if drop_remainder else None), num_parallel_calls=tf.data.AUTOTUNE,
+                deterministic=not training)
     if training:
         options = tf.data.Options()
         options.deterministic = False
         ds = ds.with_options(options)
-    return ds.prefetch(AUTOTUNE)
+    return ds.prefetch(tf.data.AUTOTUNE)
 
 
-def read_batches(data_dir: str, split: str, batch_size: int) -> tf.data.Dataset:
+def read_batches(data_dir: str, split: str, batch_size: int):
     """One deterministic pass of parsed records: dicts with the schema names (uint8 patches (B, P, P, C),
     offsets and corners (B, 8) float32, image_id and patch_index (B,) int64). For evaluation."""
+    import tensorflow as tf
+
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     config = dataset_config(data_dir, split)
     ds = _records(config, training=False, seed=None).batch(batch_size)
-    ds = ds.map(lambda s: schema.parse_batch(s, config.patch_size, config.channels), num_parallel_calls=AUTOTUNE)
-    return ds.prefetch(AUTOTUNE)
+    ds = ds.map(lambda s: schema.parse_batch(s, config.patch_size, config.channels),
+                num_parallel_calls=tf.data.AUTOTUNE)
+    return ds.prefetch(tf.data.AUTOTUNE)
 
 
-def pairs_per_second(ds: tf.data.Dataset, batches: int, warmup: int = 20) -> float:
+class DamagedShardError(DatasetError):
+    """A shard that cannot be read to its end (cut short, or a record whose CRC fails): names the shard and
+    the byte offset of the damage, and how to check the dataset."""
+
+    def __init__(self, path, offset, detail: str, data_dir: str | None = None, note: str = ""):
+        self.path, self.offset, self.detail = path, offset, detail
+        audit = f"python -m pipeline.audit --data_dir={data_dir} --output_dir=AUDIT_DIR" if data_dir else \
+            "python -m pipeline.audit"
+        where = f"shard {path} is damaged at byte {offset}" if path else "a shard is damaged"
+        super().__init__(f"{where} ({detail}); {note + '; ' if note else ''}check the dataset with `{audit}` "
+                         f"and rebuild it")
+
+
+READERS = ("auto", "tf.data", "records")
+
+
+def uses_tf_data(reader: str = "auto") -> bool:
+    """reader 'auto': tf.data when Keras runs on TensorFlow (so TensorFlow is installed), the TensorFlow-free
+    reader (pipeline.records) otherwise (Keras on JAX, with or without TensorFlow beside it). 'records'
+    forces the reader; 'tf.data' needs Keras on TensorFlow."""
+    import keras
+
+    if reader not in READERS:
+        raise ValueError(f"reader must be one of {', '.join(READERS)}, got '{reader}'")
+    on_tf = keras.backend.backend() == "tensorflow"
+    if reader == "tf.data" and not on_tf:
+        raise ValueError(f"reader 'tf.data' needs Keras on TensorFlow (this is {keras.backend.backend()})")
+    return on_tf if reader == "auto" else reader == "tf.data"
+
+
+def damaged_shard(error: BaseException, data_dir: str, split: str):
+    """The DamagedShardError behind a reader's error, or None when the error is not about damaged data.
+
+    The reader's CorruptShardError carries the shard and offset. tf.data's DataLossError ("truncated
+    record at N", "corrupted record at N") names neither, so the split's shards are scanned with the
+    CRC-checking reader to find the damage."""
+    from pipeline import records
+
+    if isinstance(error, DamagedShardError):
+        return error
+    if isinstance(error, records.CorruptShardError):
+        return DamagedShardError(error.path, error.offset, error.problem, data_dir)
+    tf = sys.modules.get("tensorflow")
+    if tf is None or not (isinstance(error, tf.errors.DataLossError) or _READER_ERROR in str(error)
+                          or (isinstance(error, tf.errors.FailedPreconditionError)
+                              and "expected to contain" in str(error))):
+        return None
+    config = dataset_config(data_dir, split)
+    for path in config.shard_files:
+        try:
+            for _ in records.iter_records(path):
+                pass
+        except records.CorruptShardError as e:
+            return DamagedShardError(e.path, e.offset, e.problem, data_dir)
+    return DamagedShardError(None, None, f"split '{split}': {_first_line(error)}", data_dir)
+
+
+_READER_ERROR = "CorruptShardError"  # the reader's error, as TF reports it from inside a generator
+
+
+def _first_line(error: BaseException) -> str:
+    text = getattr(error, "message", None) or str(error)
+    return text.strip().splitlines()[0] if text.strip() else type(error).__name__
+
+
+def _xy(batch: dict, rho: float):
+    return normalize(batch[schema.PATCH_A], batch[schema.PATCH_B]), scale_labels(batch[schema.OFFSETS], rho)
+
+
+def train_batches(data_dir: str, split: str, batch_size: int, *, shuffle_buffer: int = 10000, seed: int | None = None,
+                  reader: str = "auto"):
+    """Endless, shuffled, full (inputs, labels) batches for Keras's fit: a tf.data.Dataset (uses_tf_data())
+    or a generator of numpy batches from the TensorFlow-free reader (same normalisation and labels)."""
+    if uses_tf_data(reader):
+        return make_dataset(data_dir, split, batch_size, training=True, shuffle_buffer=shuffle_buffer, seed=seed)
+    from pipeline import records
+
+    config = dataset_config(data_dir, split)
+    stream = records.batches(data_dir, split, batch_size, shuffle=True, seed=seed, repeat=True,
+                             drop_remainder=True, shuffle_buffer=max(shuffle_buffer, 1))
+    return (_xy(b, config.rho) for b in stream)
+
+
+def eval_batches(data_dir: str, split: str, batch_size: int, max_batches: int = 0, reader: str = "auto"):
+    """One deterministic pass of numpy (inputs, labels) batches (the last one may be short); max_batches > 0
+    stops early."""
+    rho = dataset_config(data_dir, split).rho
+    for i, batch in enumerate(parsed_batches(data_dir, split, batch_size, reader)):
+        if max_batches and i >= max_batches:
+            return
+        yield _xy(batch, rho)
+
+
+def parsed_batches(data_dir: str, split: str, batch_size: int, reader: str = "auto"):
+    """One deterministic pass of parsed records as dicts of numpy arrays with the schema's names
+    (read_batches through tf.data, or pipeline.records.batches without it)."""
+    if uses_tf_data(reader):
+        for batch in read_batches(data_dir, split, batch_size):
+            yield {k: v.numpy() for k, v in batch.items()}
+        return
+    from pipeline import records
+
+    dataset_config(data_dir, split)  # the same DatasetErrors as the tf.data path, before any reading
+    yield from records.batches(data_dir, split, batch_size)
+
+
+def pairs_per_second(ds, batches: int, warmup: int = 20) -> float:
     """Pairs/s a dataset of (inputs, labels) batches delivers, timed over `batches` after `warmup` batches
     (the shuffle buffer filled, the shards open)."""
     import time

@@ -4,7 +4,9 @@
                            [--methods=identity,orb,sift,ecc,network] [--max_pairs=N] [--num_visualizations=6]
 
 Without --model_dir only the classical methods run. Pairs are streamed in the dataset's order (one
-deterministic pass through model.data.read_batches); only the predictions and the few pairs to draw are
+deterministic pass through model.data.parsed_batches: tf.data on Keras's TensorFlow backend, the
+TensorFlow-free reader otherwise); a damaged shard stops it with one line naming the shard and byte offset
+(model.data.DamagedShardError). Only the predictions and the few pairs to draw are
 kept, so a split of any size fits in memory. Writes to output_dir (see model/report.py):
 mace_report.json, mace_report.md, mace_bar.png, mace_histograms.png, pair_<k>.png.
 """
@@ -124,7 +126,7 @@ def evaluate(data_dir: str, split: str, output_dir: str, *, model_dir: str | Non
 
     Raises model.data.DatasetError (missing index, unknown or empty split) or EvaluationError.
     """
-    from model import data  # TensorFlow is imported here, not at module import
+    from model import data
 
     cfg = data.dataset_config(data_dir, split)
     names = check_methods(list(methods) if methods else default_methods(bool(model_dir)), bool(model_dir))
@@ -141,8 +143,8 @@ def evaluate(data_dir: str, split: str, output_dir: str, *, model_dir: str | Non
     true_offsets, collected = [], {n: _Collected() for n in names}
     logging.info("evaluating %s on %d pairs of %s/%s", ", ".join(names), total, data_dir, split)
     started, seen, next_log = time.time(), 0, log_every
-    for batch in data.read_batches(data_dir, split, batch_size):
-        batch = {k: v.numpy()[:total - seen] for k, v in batch.items()}
+    for batch in _batches(data, data_dir, split, batch_size):
+        batch = {k: v[:total - seen] for k, v in batch.items()}
         _run_batch(batch, names, collected, model, float(run["rho"]) if run else 0.0)
         true_offsets.extend(batch["offsets"].reshape(-1, 4, 2))
         for i in show:
@@ -176,6 +178,17 @@ def evaluate(data_dir: str, split: str, output_dir: str, *, model_dir: str | Non
     }
     _write(report, errors, true_offsets, collected, kept, output_dir)
     return report
+
+
+def _batches(data, data_dir: str, split: str, batch_size: int):
+    """data.parsed_batches, with a damaged shard reported as DamagedShardError (shard and byte offset)."""
+    try:
+        yield from data.parsed_batches(data_dir, split, batch_size)
+    except Exception as e:
+        damaged = data.damaged_shard(e, data_dir, split)
+        if damaged is None:
+            raise
+        raise damaged from None
 
 
 def _full_config(data_dir: str) -> dict:

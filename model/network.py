@@ -205,15 +205,15 @@ def load(model_dir: str):
     path = os.path.join(model_dir, MODEL_FILE)
     if os.path.exists(path):
         return keras.models.load_model(path), config
-    import tensorflow as tf  # checkpoints are TF's format; the final .keras file is backend-neutral
+    from model import run_dir  # checkpoints: Keras weights files, either backend
 
-    latest = tf.train.latest_checkpoint(os.path.join(model_dir, CHECKPOINT_DIR))
+    latest = run_dir.latest_checkpoint(model_dir)
     if latest is None:
         raise FileNotFoundError(f"{model_dir} holds neither {MODEL_FILE} nor a checkpoint")
     options = {k: v for k, v in (config.get("architecture_options") or {}).items() if k not in INIT_ONLY_OPTIONS}
     model = build(config["architecture"], config["patch_size"], config["channels"], config["dropout"],
                   config["batchnorm"], dtype=dtype_policy(config.get("mixed_precision", "none")), options=options)
-    tf.train.Checkpoint(model=model).restore(latest).expect_partial()
+    run_dir.restore_checkpoint(model, latest[1])  # the model's weights; the optimizer's are not needed here
     return model, config
 
 

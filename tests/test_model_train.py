@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from model import data, network, train
+from model import data, network, run_dir, train
 from pipeline import geometry
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -58,12 +58,14 @@ def test_tiny_run_overfits(tiny_dataset, overfit_run):
 def test_run_record_is_complete(overfit_run, tiny_dataset):
     model_dir, _ = overfit_run
     for name in ("config.json", "history.csv", "history.json", "model.keras", "mace.png",
-                 "export/saved_model.pb", "checkpoints/checkpoint"):
+                 "export/saved_model.pb", "checkpoints/ckpt-120.weights.h5"):
         assert os.path.getsize(os.path.join(model_dir, name)) > 0, name
     config = json.load(open(os.path.join(model_dir, "config.json")))
     assert config["patch_size"] == 32 and config["rho"] == 8 and config["channels"] == 1
     assert config["image_width"] == 80 and config["steps"] == 120 and config["dropout"] is False
     assert config["learning_rate"] == 0.005 and config["lr_decay_steps"] == 30000 and config["loss"] == "l2_distance"
+    assert config["backend"] == "tensorflow" and config["input"] == "tf.data" and config["export"] == "export"
+    assert config["final_step"] == 120 and config["stop_reason"] == "complete" and config["steps_per_execution"] == 5
     history = json.load(open(os.path.join(model_dir, "history.json")))
     assert [r["step"] for r in history] == [20, 40, 60, 80, 100, 120]
     assert [r["val_mace"] is not None for r in history] == [False, False, True, False, False, True]
@@ -72,7 +74,7 @@ def test_run_record_is_complete(overfit_run, tiny_dataset):
     for split in ("train", "validation"):
         assert any(f.startswith("events.out.tfevents") for f in os.listdir(os.path.join(model_dir, "logs", split)))
     assert open(os.path.join(model_dir, "mace.png"), "rb").read(8) == b"\x89PNG\r\n\x1a\n"
-    assert tf.train.latest_checkpoint(os.path.join(model_dir, "checkpoints")).endswith("ckpt-120")
+    assert [step for step, _ in run_dir.checkpoints(model_dir)] == [60, 120]
 
 
 def test_export_loads_and_predicts_8_offsets_per_pair(overfit_run, tiny_dataset):
@@ -104,7 +106,7 @@ def test_resume_continues_at_saved_step_with_same_schedule(tiny_dataset, tmp_pat
     with pytest.raises(type(exc)):
         train.train(tiny_dataset, model_dir, steps=8, step_hook=interrupt_at(5, exc), **RESUME)
     # A crash loses the steps since the last checkpoint (4); Ctrl-C checkpoints where it stopped (5).
-    assert tf.train.latest_checkpoint(os.path.join(model_dir, "checkpoints")).endswith(f"ckpt-{resumes_at}")
+    assert run_dir.latest_checkpoint(model_dir)[0] == resumes_at
     partial, _ = network.load(model_dir)  # no model.keras yet: loads the latest checkpoint
     assert partial.output_shape == (None, 8)
     seen = []
