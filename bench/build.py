@@ -1,14 +1,21 @@
 """Builder benchmark: pipeline.build against the ceiling of its own pair generator, measured in one run.
 
-  python -m bench.build [--pairs=20000] [--workers=2] [--full]
+  python -m bench.build [--sizes=10000,53400] [--full] [--before=REV] [--workers=2]
 
 1. Ceiling: the project's pair generator in a plain single-process loop over JPEG bytes held in memory
    (decode + resize + 10 pairs + record encoding; the generator alone is printed too), per core, times the
    cores. Also the before/after of the two kept optimisations: reduced-size JPEG decoding and warping
    only the kept window instead of the whole image.
 2. pipeline.build on DirectRunner, multi_processing on every core, over a COCO layout cycling the real
-   coco_mini JPEGs, at two sizes (pairs/4 and pairs): pairs/s and peak RSS of the whole process tree.
-3. --full: the seed's 406,700-pair build (40,670 images x 10) on this machine: wall time and peak RSS.
+   coco_mini JPEGs (10 pairs per image; 53,400 pairs = the 178 images x 30 = 300 pairs per image), at each
+   size: end to end (process start to dataset_info.json written) and its ratio to the ceiling, peak RSS
+   of the whole process tree. --full adds the seed's 406,700 pairs (40,670 images x 10, 12.5 GiB).
+3. --before=REV runs the same builds with the code of git revision REV (extracted with git archive into
+   the scratch folder), interleaved with the current code's, size by size: before / after in one run.
+   Fixed start-up = the intercept of a least-squares line through (pairs, end-to-end seconds).
+4. --runners=DirectRunner,DaskRunner builds every size with each runner in the same run (DaskRunner: a
+   LocalCluster of --workers single-threaded worker processes, started and closed by pipeline.build),
+   and prints DaskRunner's end-to-end time over DirectRunner's per size (`dask_over_direct_<pairs>`).
 """
 from __future__ import annotations
 
@@ -23,13 +30,17 @@ import time
 
 from absl import app, flags
 
-from bench.common import COCO_MINI, PeakRss, headline, repeated_coco
+from bench.common import COCO_MINI, REPO, PeakRss, headline, repeated_coco
 
-flags.DEFINE_integer("pairs", 20000, "Pairs in the main pipeline run (the small run is a quarter of it)")
+flags.DEFINE_list("sizes", ["10000", "53400"], "Pairs per pipeline.build run (10 per image)")
 flags.DEFINE_integer("workers", os.cpu_count() or 2, "DirectRunner workers (multi_processing)")
 flags.DEFINE_integer("ceiling_images", 150, "Images in the single-process ceiling loop")
-flags.DEFINE_bool("full", False, "Also build the seed's 406,700 pairs (13 GB on disk; minutes)")
+flags.DEFINE_bool("full", False, "Also build the seed's 406,700 pairs (12.5 GiB on disk, deleted after; minutes)")
+flags.DEFINE_string("before", None, "A git revision to compare with (e.g. the commit before a change); its "
+                    "builds run beside the current code's, same sizes, same run")
 flags.DEFINE_string("workdir", None, "Scratch folder (default: a temporary folder, removed at the end)")
+flags.DEFINE_list("runners", ["DirectRunner"], "Runners to build with, each at every size: DirectRunner, "
+                  "DaskRunner (a LocalCluster of --workers processes)")
 FLAGS = flags.FLAGS
 
 
@@ -63,14 +74,28 @@ def ceiling(images: list) -> dict:
     return rates
 
 
-def run_build(coco_dir: pathlib.Path, out: pathlib.Path, workers: int) -> dict:
-    """One pipeline.build in a subprocess; returns its dataset_info plus wall time and peak tree RSS."""
+def runner_args(runner: str, workers: int) -> list:
+    """pipeline.build's runner flags for `workers` processes on this machine."""
+    if runner == "DaskRunner":  # a LocalCluster of single-threaded processes, as DirectRunner's workers
+        return ["--runner=DaskRunner", f"--dask_local_workers={workers}"]
+    return ["--runner=DirectRunner", f"--direct_num_workers={workers}", "--direct_running_mode=multi_processing"]
+
+
+def runner_variants(codes: dict) -> list:
+    """(name, code tree, runner) per build variant: DirectRunner keeps the code's name, others get a suffix."""
+    return [(name if runner == "DirectRunner" else f"{name}_{runner.removesuffix('Runner').lower()}", code, runner)
+            for name, code in codes.items() for runner in FLAGS.runners]
+
+
+def run_build(coco_dir: pathlib.Path, out: pathlib.Path, workers: int, code_dir: pathlib.Path = REPO,
+              runner: str = "DirectRunner") -> dict:
+    """One pipeline.build in a subprocess (run from code_dir's tree); end to end = process start to the
+    mtime of dataset_info.json, which the build writes last."""
     cmd = [sys.executable, "-m", "pipeline.build", f"--coco_dir={coco_dir}", f"--output_dir={out}",
-           "--splits=train=train2017", "--overwrite", "--runner=DirectRunner",
-           f"--direct_num_workers={workers}", "--direct_running_mode=multi_processing"]
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+           "--splits=train=train2017", "--overwrite"] + runner_args(runner, workers)
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=str(code_dir))
     t0 = time.time()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True, cwd=code_dir)
     with PeakRss(proc.pid) as rss:
         output, _ = proc.communicate()
     wall = time.time() - t0
@@ -78,13 +103,32 @@ def run_build(coco_dir: pathlib.Path, out: pathlib.Path, workers: int) -> dict:
         sys.exit(f"bench.build: pipeline.build failed:\n{output[-3000:]}")
     with open(out / "dataset_info.json") as f:
         info = json.load(f)
+    end_to_end = (out / "dataset_info.json").stat().st_mtime - t0
     n = info["splits"]["train"]["num_examples"]
     size = sum(p.stat().st_size for p in out.glob("*.tfrecord-*"))
-    print(f"  pipeline.build {n:7d} pairs: {wall:7.1f} s wall ({info['build']['seconds']} s in the pipeline), "
-          f"{n / wall:6.0f} pairs/s wall, {n / info['build']['seconds']:6.0f} pairs/s in pipeline, "
-          f"peak RSS {rss.peak / 2**20:6.0f} MiB, {size / 2**30:.2f} GiB on disk")
-    return {"pairs": n, "wall": wall, "pipeline_seconds": info["build"]["seconds"], "peak_rss": rss.peak,
-            "bytes": size}
+    shutil.rmtree(out, ignore_errors=True)
+    return {"pairs": n, "wall": wall, "end_to_end": end_to_end, "pipeline_seconds": info["build"]["seconds"],
+            "peak_rss": rss.peak, "bytes": size}
+
+
+def startup_fit(runs: list) -> tuple:
+    """Least squares end_to_end = startup + pairs / rate over the runs: (startup s, marginal pairs/s)."""
+    import numpy as np
+
+    if len(runs) < 2:
+        return float("nan"), float("nan")
+    slope, intercept = np.polyfit([r["pairs"] for r in runs], [r["end_to_end"] for r in runs], 1)
+    return float(intercept), float(1 / slope)
+
+
+def code_tree(rev: str, work: pathlib.Path) -> pathlib.Path:
+    """The repository at rev, extracted (git archive: no checkout, the working tree is untouched)."""
+    dest = work / f"code_{rev.replace('/', '_')}"
+    if not dest.exists():
+        dest.mkdir(parents=True)
+        archive = subprocess.run(["git", "-C", str(REPO), "archive", rev], capture_output=True, check=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
+    return dest
 
 
 def main(argv):
@@ -94,7 +138,12 @@ def main(argv):
     work = pathlib.Path(FLAGS.workdir or tempfile.mkdtemp(prefix="bench_build_"))
     work.mkdir(parents=True, exist_ok=True)
     try:
-        print(f"machine: {os.cpu_count()} cores; workers: {FLAGS.workers}")
+        sizes = [int(x) for x in FLAGS.sizes] + ([406700] if FLAGS.full else [])
+        codes = {"after": REPO}
+        if FLAGS.before:
+            codes = {"before": code_tree(FLAGS.before, work), "after": REPO}
+        print(f"machine: {os.cpu_count()} cores; workers: {FLAGS.workers}; sizes: {sizes}; "
+              f"code: {', '.join(f'{k}={v}' for k, v in codes.items())}")
         with open(COCO_MINI / "annotations" / "instances_train2017.json") as f:
             entries = sorted(json.load(f)["images"], key=lambda im: im["id"])[:FLAGS.ceiling_images]
         images = [((COCO_MINI / "train2017" / e["file_name"]).read_bytes(), e["width"], e["height"]) for e in entries]
@@ -102,36 +151,37 @@ def main(argv):
         per_core = rates["both (as the pipeline runs)"]
         ceil = per_core * FLAGS.workers
         print(f"  ceiling = {per_core:.0f} pairs/s/core x {FLAGS.workers} = {ceil:.0f} pairs/s")
-
-        small = run_build(repeated_coco(work / "coco_small", FLAGS.pairs // 40), work / "out_small", FLAGS.workers)
-        big = run_build(repeated_coco(work / "coco", FLAGS.pairs // 10), work / "out", FLAGS.workers)
-        shutil.rmtree(work / "out_small", ignore_errors=True)
         figures = {
             "ceiling_pairs_per_s": ceil,
             "ceiling_per_core_pairs_per_s": per_core,
             "generator_only_per_core_pairs_per_s": rates["both, generator only (no encoding)"],
             "baseline_per_core_pairs_per_s": rates["baseline (full decode, whole-image warp)"],
             "optimisation_speedup": per_core / rates["baseline (full decode, whole-image warp)"],
-            "pipeline_pairs_per_s": big["pairs"] / big["pipeline_seconds"],
-            "pipeline_pairs_per_s_wall": big["pairs"] / big["wall"],
-            "pipeline_over_ceiling": big["pairs"] / big["pipeline_seconds"] / ceil,
-            # The two sizes differ only in data, so their difference removes the fixed start-up cost.
-            "pipeline_marginal_pairs_per_s": (big["pairs"] - small["pairs"]) / (big["pipeline_seconds"] - small["pipeline_seconds"]),
-            "pipeline_marginal_over_ceiling": (big["pairs"] - small["pairs"])
-            / (big["pipeline_seconds"] - small["pipeline_seconds"]) / ceil,
-            "peak_rss_mib_small": small["peak_rss"] / 2**20,
-            "peak_rss_mib_large": big["peak_rss"] / 2**20,
-            "peak_rss_ratio_large_over_small": big["peak_rss"] / small["peak_rss"],
-            "data_ratio_large_over_small": big["bytes"] / small["bytes"],
-            "projected_406700_pairs_minutes": 406700 / (big["pairs"] / big["wall"]) / 60,
         }
-        shutil.rmtree(work / "out", ignore_errors=True)
-        if FLAGS.full:
-            full = run_build(repeated_coco(work / "coco_full", 40670), work / "out_full", FLAGS.workers)
-            figures.update(full_pairs=full["pairs"], full_minutes=full["wall"] / 60,
-                           full_pairs_per_s=full["pairs"] / full["pipeline_seconds"],
-                           full_over_ceiling=full["pairs"] / full["pipeline_seconds"] / ceil,
-                           full_peak_rss_mib=full["peak_rss"] / 2**20, full_gib_on_disk=full["bytes"] / 2**30)
+        runs = {name: [] for name, _, _ in runner_variants(codes)}
+        for pairs in sizes:
+            coco_dir = repeated_coco(work / f"coco_{pairs}", -(-pairs // 10))
+            for name, code, runner in runner_variants(codes):
+                r = run_build(coco_dir, work / "out", FLAGS.workers, code, runner)
+                runs[name].append(r)
+                print(f"  {name:<6} pipeline.build {r['pairs']:7d} pairs: end to end {r['end_to_end']:7.1f} s "
+                      f"({r['pairs'] / r['end_to_end']:5.0f} pairs/s, {r['pairs'] / r['end_to_end'] / ceil:.2f} of "
+                      f"the ceiling; beyond the ceiling's time: {r['end_to_end'] - r['pairs'] / ceil:5.1f} s), "
+                      f"process exit {r['wall']:.1f} s, peak RSS {r['peak_rss'] / 2**20:5.0f} MiB, "
+                      f"{r['bytes'] / 2**30:.2f} GiB", flush=True)
+                figures[f"{name}_{pairs}_end_to_end_s"] = r["end_to_end"]
+                figures[f"{name}_{pairs}_over_ceiling"] = r["pairs"] / r["end_to_end"] / ceil
+                figures[f"{name}_{pairs}_peak_rss_mib"] = r["peak_rss"] / 2**20
+            shutil.rmtree(coco_dir, ignore_errors=True)
+        for name, rs in runs.items():
+            startup, marginal = startup_fit(rs)
+            figures[f"{name}_fixed_startup_s"] = startup
+            figures[f"{name}_marginal_pairs_per_s"] = marginal
+            figures[f"{name}_marginal_over_ceiling"] = marginal / ceil
+        if "DaskRunner" in FLAGS.runners and "DirectRunner" in FLAGS.runners:
+            for pairs in sizes:  # the issue's goal: DaskRunner within 1.5x of DirectRunner on the same cores
+                figures[f"dask_over_direct_{pairs}"] = (figures[f"after_dask_{pairs}_end_to_end_s"]
+                                                       / figures[f"after_{pairs}_end_to_end_s"])
         headline(figures)
     finally:
         if not FLAGS.workdir:

@@ -332,17 +332,12 @@ def _batches(source, batch_size, shuffle, seed, repeat, drop_remainder, workers,
     yield from _rebatch(records, batch_size, drop_remainder)
 
 
-_SCALE = np.arange(256, dtype=np.float32) / np.float32(127.5) - np.float32(1.0)  # uint8 -> [-1, 1], per value
-
-
 def model_inputs(batch: dict, rho: float) -> tuple:
     """(inputs, labels) as HomographyNet takes them, in numpy: the same numbers as model.data's
     normalize (concat([a, b], channels) / 127.5 - 1, float32) and scale_labels (offsets / rho)."""
-    a, b = batch[schema.PATCH_A], batch[schema.PATCH_B]
-    c = a.shape[-1]
-    x = np.empty(a.shape[:-1] + (2 * c,), np.float32)
-    x[..., :c] = _SCALE[a]  # a table lookup: the same float32 arithmetic, done once per grey level
-    x[..., c:] = _SCALE[b]
+    x = np.concatenate([batch[schema.PATCH_A], batch[schema.PATCH_B]], axis=-1).astype(np.float32)
+    x /= np.float32(127.5)  # in place; plain float32 arithmetic vectorises (a lookup table is 3x slower)
+    x -= np.float32(1.0)
     return x, batch[schema.OFFSETS].astype(np.float32) / np.float32(rho)
 
 

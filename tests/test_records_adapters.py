@@ -117,3 +117,30 @@ def test_torch_iterable_dataset_workers_read_each_record_once(built_dataset):
     assert sorted(r0 + r1) == everything and not set(r0) & set(r1)
     with pytest.raises(records.DatasetError, match="too few to feed 3 readers"):
         RecordsIterableDataset(built_dataset, "train", 8, rank=0, world_size=3)
+
+
+def test_readme_reader_example_runs_without_tensorflow(built_dataset, tmp_path):
+    """The README's reader blocks, verbatim but for the data folder, with TensorFlow and Beam hidden."""
+    text = (REPO / "README.md").read_text()
+    section = text[text.index("<!-- reader-example"):text.index("<!-- /reader-example -->")]
+    blocks = [b.split("```", 1)[0] for b in section.split("```python\n")[1:]]
+    assert len(blocks) == 2 and 'data_dir = "out/coco"' in blocks[0]
+    prelude = textwrap.dedent("""
+        import keras
+        model = keras.Sequential([keras.Input((128, 128, 2)), keras.layers.Conv2D(2, 16, strides=16),
+                                  keras.layers.Flatten(), keras.layers.Dense(8)])
+        model.compile(optimizer="sgd", loss="mse")
+    """)
+    checks = textwrap.dedent("""
+        # (64 records over 2 shards here: each DataLoader worker's single shard gives a batch of 32)
+        assert tuple(a.shape) == (32, 1, 128, 128) and float(a.min()) >= -1 and float(a.max()) <= 1
+        assert x.shape == (64, 128, 128, 2) and y.shape == (64, 8) and patch_a.dtype.name == "uint8"
+        assert len(model.history.history["loss"]) == 2
+        print("ok")
+    """)
+    script = tmp_path / "readme_example.py"
+    script.write_text(blocks[0].replace('"out/coco"', repr(built_dataset)) + prelude + blocks[1] + checks)
+    hide_packages(tmp_path, {"tensorflow", "apache_beam"})
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, cwd=REPO,
+                         env=dict(os.environ, KERAS_BACKEND="torch", PYTHONPATH=f"{tmp_path}:{REPO}"))
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
