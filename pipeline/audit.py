@@ -96,6 +96,8 @@ def regroup(sections: list) -> dict:
             out[section] = value
         else:
             out[section][split] = value
+    for statuses in out["shards"].values():  # arrival order is the runner's; the report's is the index's
+        statuses.sort(key=lambda st: st["index"])
     # Leakage and Duplicates combine without defaults (portable): no input, no element; fill the empty result.
     for section, fn in (("leakage", at.CountAndExamplesFn()), ("duplicates", at.DuplicateGroupsFn())):
         if out[section] is None:

@@ -126,7 +126,7 @@ def session(options: PipelineOptions, *, worker_paths=(), partitions: int = 0):
         yield
     finally:
         if cluster is not None:
-            cluster.close()
+            cluster.close(timeout=3)  # the job is done: don't wait long for slow-exiting worker processes
 
 
 def close(result) -> None:
