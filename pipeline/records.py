@@ -328,7 +328,8 @@ def _batches(source, batch_size, shuffle, seed, repeat, drop_remainder, workers,
     rng = np.random.default_rng(seed)
     records = _chunks(source, _shard_order(source, shuffle, rng, repeat), workers, mp_context)
     if shuffle and shuffle_buffer > 1:
-        records = _shuffled(records, shuffle_buffer, rng, batch_size)
+        capacity = shuffle_buffer if repeat else min(shuffle_buffer, max(source.num_examples, 2))
+        records = _shuffled(records, capacity, rng, batch_size)
     yield from _rebatch(records, batch_size, drop_remainder)
 
 

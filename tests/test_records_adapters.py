@@ -94,17 +94,19 @@ def test_torch_iterable_dataset_workers_read_each_record_once(built_dataset):
     everything = sorted(_ids(records.batches(built_dataset, "train", 64)))
     ds = RecordsIterableDataset(built_dataset, "train", 8, shuffle=True, seed=0, shuffle_buffer=16)
     loader = DataLoader(ds, batch_size=None, num_workers=2, multiprocessing_context="spawn")
-    epochs = []
-    for epoch in range(2):
+    batches = list(loader)
+    b = batches[0]
+    assert b[schema.PATCH_A].dtype == torch.uint8 and tuple(b[schema.PATCH_A].shape) == (8, 128, 128, 1)
+    assert b[schema.OFFSETS].dtype == torch.float32 and b[schema.IMAGE_ID].dtype == torch.int64
+    ids = _ids({k: v.numpy() for k, v in b.items()} for b in batches)
+    assert sorted(ids) == everything  # the two workers read disjoint shards: each record once
+
+    def epoch_ids(epoch):  # in-process (spawning workers costs seconds; once is enough to test them)
         ds.set_epoch(epoch)
-        batches = list(loader)
-        b = batches[0]
-        assert b[schema.PATCH_A].dtype == torch.uint8 and tuple(b[schema.PATCH_A].shape) == (8, 128, 128, 1)
-        assert b[schema.OFFSETS].dtype == torch.float32 and b[schema.IMAGE_ID].dtype == torch.int64
-        ids = _ids({k: v.numpy() for k, v in b.items()} for b in batches)
-        assert sorted(ids) == everything  # the two workers read disjoint shards: each record once
-        epochs.append(ids)
-    assert epochs[0] != epochs[1]  # set_epoch reshuffles
+        return _ids({k: v.numpy() for k, v in b.items()} for b in ds)
+
+    assert epoch_ids(0) == epoch_ids(0) != epoch_ids(1)  # seeded per epoch: set_epoch reshuffles
+    assert sorted(epoch_ids(1)) == everything
     # The tensors hold the records' bytes: same as the plain reader, in-process, unshuffled.
     plain = RecordsIterableDataset(built_dataset, "train", 64)
     (only,) = list(plain)
