@@ -238,14 +238,33 @@ def test_bad_datasets_raise_one_clear_error(mini_build, tmp_path):
 
 def test_cli_checks_a_dataset_and_fails_in_one_line(mini_build, tmp_path):
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    ok = subprocess.run([sys.executable, "-m", "pipeline.records", f"--data_dir={mini_build}", "--split=validation"],
-                        capture_output=True, text=True, cwd=REPO, env=env)
+
+    def run(data_dir, *flags):
+        return subprocess.run([sys.executable, "-m", "pipeline.records", f"--data_dir={data_dir}", *flags],
+                              capture_output=True, text=True, cwd=REPO, env=env)
+
+    ok = run(mini_build, "--split=validation")
     assert ok.returncode == 0, ok.stderr
     assert "validation: 100 records in 3 shards, every CRC checked" in ok.stdout
-    bad = subprocess.run([sys.executable, "-m", "pipeline.records", f"--data_dir={tmp_path}"],
-                         capture_output=True, text=True, cwd=REPO, env=env)
-    assert bad.returncode == 2
-    assert bad.stderr.strip().count("\n") == 0 and "dataset_info.json" in bad.stderr and "Traceback" not in bad.stderr
+    absent = _copy_dataset(mini_build, tmp_path / "absent")
+    gone = _shards(absent, "train")[1][0]
+    os.remove(gone)
+    short = _copy_dataset(mini_build, tmp_path / "short")
+    cut, count = _shards(short, "validation")[0]
+    kept = list(records.iter_records(cut))[:-1]
+    with open(cut, "wb") as f:
+        for r in kept:
+            records.write_record(f, r)
+    broken = _copy_dataset(mini_build, tmp_path / "broken")
+    damaged = _shards(broken, "train")[2][0]
+    with open(damaged, "r+b") as f:
+        f.truncate(os.path.getsize(damaged) - 10)
+    for data_dir, named in ((tmp_path / "nothing", "dataset_info.json"), (absent, gone),
+                            (short, f"{cut} holds {count - 1} records but dataset_info.json lists {count}"),
+                            (broken, damaged)):
+        bad = run(data_dir)
+        assert bad.returncode == 2, bad.stdout + bad.stderr
+        assert bad.stderr.count("\n") == 1 and named in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
 
 
 def hide_packages(folder, names, log=None):
