@@ -30,8 +30,13 @@ import os
 import struct
 from typing import Iterator
 
-import google_crc32c  # C implementation; the package falls back to pure Python on its own
 import numpy as np
+
+try:
+    import google_crc32c  # C implementation (the package falls back to its own pure Python without it)
+except ImportError as _e:  # no CRC32C in the standard library: a reader that cannot check CRCs must not read
+    raise ImportError("pipeline.records needs google-crc32c to check the shards' CRCs: "
+                      "pip install google-crc32c") from _e
 
 from pipeline import dataset_info, schema, tf_example
 from pipeline.dataset_info import DatasetError
