@@ -89,7 +89,8 @@ def dask_processes(tmp_path, workers=2):
                 stdout=subprocess.DEVNULL, stderr=open(logs / f"worker{i}.log", "w")))
         from distributed import Client
         with Client(address, timeout=30, set_as_default=False) as client:
-            client.wait_for_workers(workers, timeout=60)
+            if workers:
+                client.wait_for_workers(workers, timeout=60)
             pids = client.run(os.getpid)
         by_pid = {p.pid: p for p in procs[1:]}
         yield address, {addr: by_pid[pid] for addr, pid in pids.items()}
@@ -207,6 +208,22 @@ def test_unreachable_scheduler_is_refused_before_the_job_with_one_line(module, b
     # Refused before anything was touched: the dataset (even with --overwrite) and its index are intact.
     assert sorted(os.listdir(data)) == sorted(os.listdir(built_dataset))
     assert not (tmp_path / "report" / "audit.json").exists()
+
+
+def test_worker_blind_to_a_path_and_scheduler_without_workers_are_refused(cluster, tmp_path, monkeypatch):
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    from pipeline import runners
+
+    # The workers, not the driver, check: a path no worker sees is named with the worker.
+    with pytest.raises(runners.RunnerError, match=r"dask worker tcp://127\.0\.0\.1:\d+ cannot see .*/not-mounted"):
+        with runners.session(PipelineOptions(dask_args(cluster)), worker_paths=[str(tmp_path / "not-mounted")]):
+            pytest.fail("the job must not start")
+    monkeypatch.setattr(runners, "WORKER_WAIT_S", 2)
+    with dask_processes(tmp_path, workers=0) as (address, _):
+        with pytest.raises(runners.RunnerError, match="has no workers after 2 s"):
+            with runners.session(PipelineOptions(dask_args(address))):
+                pytest.fail("the job must not start")
 
 
 # ---------------------------------------------------------------- the audit
