@@ -126,7 +126,10 @@ def session(options: PipelineOptions, *, worker_paths=(), partitions: int = 0):
         yield
     finally:
         if cluster is not None:
-            cluster.close(timeout=3)  # the job is done: don't wait long for slow-exiting worker processes
+            try:  # worker processes that imported Beam take seconds to exit; the nanny kills them after 4 s
+                cluster.close()
+            except Exception as e:  # the job's outcome is decided; a slow shutdown must not change it
+                logging.warning("DaskRunner: closing the LocalCluster: %s: %s", type(e).__name__, e)
 
 
 def close(result) -> None:
