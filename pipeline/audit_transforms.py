@@ -27,10 +27,10 @@ import cv2
 import numpy as np
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
-from apache_beam.io.tfrecordio import _TFRecordUtil  # Beam's TFRecord framing, as the builder writes it
 from apache_beam.metrics import Metrics
 
 from pipeline import geometry, schema
+from pipeline.records import CorruptShardError, read_framed  # the builder's TFRecord framing
 
 NAMESPACE = "homography_audit"
 OFFSET_BINS = 32
@@ -46,19 +46,16 @@ class ShardReadError(ValueError):
 
 
 def iter_tfrecords(f):
-    """Yields the payloads of a TFRecord stream, read and crc-checked by Beam's own framing code;
-    raises ShardReadError naming the record and the kind of damage (Beam's message carries a hex dump)."""
+    """Yields the payloads of a TFRecord stream, read and crc-checked by the builder's own framing code
+    (pipeline.records); raises ShardReadError naming the record, its byte offset and the kind of damage."""
     index = 0
-    while True:
-        try:
-            data = _TFRecordUtil.read_record(f)
-        except ValueError as e:
-            kind = "truncated" if "Fewer than" in str(e) else "corrupt (checksum mismatch)"
-            raise ShardReadError(f"{kind} at record {index}") from e
-        if data is None:
-            return
-        index += 1
-        yield data
+    try:
+        for data in read_framed(f):
+            index += 1
+            yield data
+    except CorruptShardError as e:
+        kind = "truncated" if e.truncated else "corrupt (checksum mismatch)"
+        raise ShardReadError(f"{kind} at record {index}, byte offset {e.offset} ({e.problem})") from e
 
 
 class _ReadShardFn(beam.DoFn):

@@ -41,7 +41,7 @@ except ImportError as _e:  # no CRC32C in the standard library: a reader that ca
 from pipeline import dataset_info, schema, tf_example
 from pipeline.dataset_info import DatasetError
 
-__all__ = ["CorruptShardError", "DatasetError", "SplitSource", "open_split", "write_record", "iter_records",
+__all__ = ["CorruptShardError", "DatasetError", "SplitSource", "open_split", "write_record", "iter_records", "read_framed",
            "decode_batch", "batches", "iter_batches", "model_inputs", "num_batches", "DEFAULT_SHUFFLE_BUFFER"]
 
 # tf.data's usual 10,000-record buffer is 330 MB at P=128 grayscale; 8,192 spans ~4 shards of ~2,000
@@ -54,10 +54,12 @@ _MASK_DELTA = 0xA282EAD8
 
 
 class CorruptShardError(DatasetError):
-    """A shard whose framing or CRCs do not check out; .path and .offset say where."""
+    """A shard whose framing or CRCs do not check out; .path and .offset say where, .truncated whether
+    the file ends early (else a CRC does not match)."""
 
     def __init__(self, path: str, offset: int, problem: str):
         self.path, self.offset, self.problem = path, offset, problem
+        self.truncated = "ends inside" in problem
         super().__init__(f"{path}: {problem} at byte offset {offset}: the shard is truncated or corrupt "
                          f"(check the dataset with: python -m pipeline.audit --data_dir=... --output_dir=...)")
 
@@ -78,26 +80,31 @@ def write_record(fileobj, data: bytes) -> None:
 
 def iter_records(path: str) -> Iterator[bytes]:
     """The records of one TFRecord file, every length and data CRC checked; CorruptShardError on damage."""
-    offset = 0
     remote = dataset_info.is_remote(path)
     with (dataset_info.open_read(path) if remote else open(path, "rb", buffering=1 << 20)) as f:
-        while True:
-            header = f.read(12)
-            if not header:
-                return
-            if len(header) < 12:
-                raise CorruptShardError(path, offset, f"file ends inside a record header ({len(header)} of 12 bytes)")
-            length, length_crc = _HEADER.unpack(header)
-            if masked_crc32c(header[:8]) != length_crc:
-                raise CorruptShardError(path, offset, "record length fails its CRC")
-            data = f.read(length)
-            footer = f.read(4)
-            if len(data) < length or len(footer) < 4:
-                raise CorruptShardError(path, offset, f"file ends inside a record of {length} bytes")
-            if masked_crc32c(data) != _CRC.unpack(footer)[0]:
-                raise CorruptShardError(path, offset, "record data fails its CRC")
-            yield data
-            offset += length + 16
+        yield from read_framed(f, path)
+
+
+def read_framed(f, path: str = "<stream>") -> Iterator[bytes]:
+    """iter_records on an open binary file object (path only names it in errors)."""
+    offset = 0
+    while True:
+        header = f.read(12)
+        if not header:
+            return
+        if len(header) < 12:
+            raise CorruptShardError(path, offset, f"file ends inside a record header ({len(header)} of 12 bytes)")
+        length, length_crc = _HEADER.unpack(header)
+        if masked_crc32c(header[:8]) != length_crc:
+            raise CorruptShardError(path, offset, "record length fails its CRC")
+        data = f.read(length)
+        footer = f.read(4)
+        if len(data) < length or len(footer) < 4:
+            raise CorruptShardError(path, offset, f"file ends inside a record of {length} bytes")
+        if masked_crc32c(data) != _CRC.unpack(footer)[0]:
+            raise CorruptShardError(path, offset, "record data fails its CRC")
+        yield data
+        offset += length + 16
 
 
 def _empty(n: int, patch_size: int, channels: int) -> dict:
