@@ -26,18 +26,6 @@ class Diverged(RuntimeError):
     """The loss or the weights became non-finite; nothing from that point was saved."""
 
 
-def per_example_loss(kind: str, pred: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """The training losses (model.train.LOSSES) in numpy, for validation rows."""
-    sq = np.sum(np.square(pred.astype(np.float64) - y), axis=-1)
-    return {"euclidean": 0.5 * sq, "mse": sq / 8.0, "l2_distance": np.sqrt(sq + 1e-12)}[kind]
-
-
-def mace_pixels(pred: np.ndarray, y: np.ndarray, rho: float) -> np.ndarray:
-    """Per-example MACE in pixels from scaled predictions and labels (N, 8)."""
-    err = ((pred.astype(np.float64) - y) * rho).reshape(-1, 4, 2)
-    return np.linalg.norm(err, axis=-1).mean(axis=-1)
-
-
 def sync_weights(model) -> None:
     """Under JAX, Keras's fit keeps the state outside the model's variables between steps; a callback that
     reads weights must write it back first. A no-op on TensorFlow."""

@@ -1,7 +1,7 @@
 """The homography between two photos of any size, with the network or a classical method.
 
-  python -m model.predict --model_dir=RUN --image_a=A.jpg --image_b=B.jpg [--output=VIS.png]
-                          [--method=network|sift|orb|ecc]
+  python -m model.predict [--model_dir=RUN] --image_a=A.jpg --image_b=B.jpg [--output=VIS.png]
+                          [--method=network|sift|orb|ecc]          (no --model_dir: the shipped weights)
   python -m model.predict --method=sift --image_a=A.jpg --image_b=B.jpg      (no model: --patch_size, --color)
 
 Prints H, the 3x3 homography that maps a pixel of image B to its position in image A (the direction of
@@ -143,7 +143,8 @@ FLAGS = flags.FLAGS
 
 def _define_flags():
     """Defined when the CLI runs, not at import: other modules (pipeline.build, model.train) use the same names."""
-    flags.DEFINE_string("model_dir", None, "Training run (model.keras + config.json); required for --method=network")
+    flags.DEFINE_string("model_dir", None, "Training run (model.keras + config.json) for --method=network; "
+                        "default: the project's shipped weights (data/weights/compact_rho32)")
     flags.DEFINE_string("image_a", None, "First image (any size, any format OpenCV reads)")
     flags.DEFINE_string("image_b", None, "Second image")
     flags.DEFINE_string("output", None, "Optional PNG: B's outline mapped into A, beside B")
@@ -164,10 +165,16 @@ def main(argv):
     try:
         model, rho = None, None
         patch_size, channels = FLAGS.patch_size, 3 if FLAGS.color else 1
-        if FLAGS.method == "network" and not FLAGS.model_dir:
-            raise PredictError("--method=network needs --model_dir (or pick --method=sift|orb|ecc)")
-        if FLAGS.model_dir:
-            model, run = _load(FLAGS.model_dir)
+        model_dir = FLAGS.model_dir
+        if FLAGS.method == "network" and not model_dir:
+            from model import network
+
+            model_dir = network.shipped_model_dir()  # the project's trained weights, where this checkout has them
+            if not model_dir:
+                raise PredictError(f"--method=network needs --model_dir (this checkout has no shipped weights in "
+                                   f"{network.SHIPPED_MODEL_DIR}), or pick --method=sift|orb|ecc")
+        if model_dir:
+            model, run = _load(model_dir)
             patch_size, channels, rho = int(run["patch_size"]), int(run["channels"]), float(run["rho"])
         a, b = load_image(FLAGS.image_a), load_image(FLAGS.image_b)
         pred = predict_homography(a, b, FLAGS.method, patch_size=patch_size, channels=channels, model=model, rho=rho)

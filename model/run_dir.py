@@ -218,7 +218,19 @@ class ScalarLogs:
             w.close()
 
 
-# ---------------------------------------------------------------------------------------------- export
+# ---------------------------------------------------------------------------------------------- final model
+
+def save_final_model(model, path: str):
+    """Saves the inference model alone (no optimizer, no compile settings): a clean .keras file that loads
+    under either backend without the training's loss functions. Returns that uncompiled copy."""
+    import keras
+
+    # from_config, not clone_model: clone_model also compiles the copy, with the training's loss functions.
+    final = keras.Model.from_config(model.get_config())
+    final.set_weights(model.get_weights())
+    final.save(path)
+    return final
+
 
 def export_saved_model(model, path: str, patch_size: int, channels: int, rho: float) -> bool:
     """SavedModel with a `serve` endpoint (the model itself) and an `offsets` endpoint from raw uint8 patches.

@@ -37,7 +37,7 @@ import time
 import numpy as np
 from absl import flags, logging
 
-from model import callbacks, data, network, run_dir
+from model import callbacks, data, losses, network, run_dir
 from pipeline import cli
 
 HISTORY_FIELDS = run_dir.HISTORY_FIELDS
@@ -46,10 +46,7 @@ plot_mace = run_dir.plot_mace
 STRUCTURE_KEYS = ("architecture", "patch_size", "channels", "dropout", "batchnorm")
 
 
-# Per-example losses on the scaled offsets d = prediction - offsets/rho (8 values).
-LOSSES = {"euclidean": "0.5 * sum(d^2), Caffe's EuclideanLoss as in the paper",
-          "mse": "mean(d^2) over the 8 values (a quarter of euclidean's gradient)",
-          "l2_distance": "sqrt(sum(d^2)), the Euclidean distance itself (bounded gradient)"}
+LOSSES = losses.LOSSES
 
 
 class TrainError(ValueError):
@@ -146,28 +143,6 @@ def steps_per_execution(a: dict, start_step: int) -> int:
     return math.gcd(g, int(a["steps"]) - start_step) or g
 
 
-def _loss_fn(kind: str):
-    from keras import ops
-
-    def loss(y_true, y_pred):
-        d = ops.cast(y_pred, "float32") - ops.cast(y_true, "float32")
-        sq = ops.sum(ops.square(d), axis=-1)
-        return {"euclidean": 0.5 * sq, "mse": sq / 8.0, "l2_distance": ops.sqrt(sq + 1e-12)}[kind]
-
-    loss.__name__ = kind
-    return loss
-
-
-def _mace_fn(rho: float):
-    from keras import ops
-
-    def mace(y_true, y_pred):
-        err = ops.reshape((ops.cast(y_pred, "float32") - ops.cast(y_true, "float32")) * rho, (-1, 4, 2))
-        return ops.mean(ops.sqrt(ops.sum(ops.square(err), axis=-1) + 1e-12), axis=-1)
-
-    return mace
-
-
 def _build(a: dict, config: dict, spe: int):
     """The compiled model, its optimizer and learning-rate schedule."""
     import keras
@@ -184,7 +159,7 @@ def _build(a: dict, config: dict, spe: int):
         optimizer = keras.optimizers.SGD(schedule, momentum=a["momentum"], global_clipnorm=clip)
     if a["mixed_precision"] == "float16":
         optimizer = keras.optimizers.LossScaleOptimizer(optimizer)  # dynamic loss scaling
-    model.compile(optimizer=optimizer, loss=_loss_fn(a["loss"]), metrics=[_mace_fn(config["rho"])],
+    model.compile(optimizer=optimizer, loss=losses.keras_loss(a["loss"]), metrics=[losses.keras_mace(config["rho"])],
                   jit_compile=config["jit_compile"], steps_per_execution=spe)
     optimizer.build(model.trainable_variables)  # its variables must exist before a checkpoint restores them
     return model, optimizer, schedule
@@ -266,9 +241,9 @@ def _train(data_dir: str, model_dir: str, a: dict, config: dict, started: float,
         try:
             for x, y in data.eval_batches(data_dir, a["val_split"], batch, a["val_batches"], a["reader"]):
                 pred = np.asarray(model.predict_on_batch(x), np.float32)
-                sums[0] += float(callbacks.per_example_loss(a["loss"], pred, y).sum())
-                sums[1] += float(callbacks.mace_pixels(pred, y, rho).sum())
-                sums[2] += float(callbacks.mace_pixels(np.zeros_like(y), y, rho).sum())
+                sums[0] += float(losses.per_example_loss(a["loss"], pred, y).sum())
+                sums[1] += float(losses.mace_pixels(pred, y, rho).sum())
+                sums[2] += float(losses.mace_pixels(np.zeros_like(y), y, rho).sum())
                 n += len(y)
         except Exception as e:  # a damaged validation shard: named like a training one
             damaged = data.damaged_shard(e, data_dir, a["val_split"])
@@ -324,10 +299,8 @@ def _train(data_dir: str, model_dir: str, a: dict, config: dict, started: float,
 
     step = monitor.step if start_step < a["steps"] else start_step
     monitor.checkpoint(step)  # also refuses non-finite weights
-    # model.keras holds the inference model alone (no optimizer, no compile settings): a clean file that
-    # loads under either backend without this module's loss functions.
-    final = keras_clone(model)
-    final.save(os.path.join(model_dir, network.MODEL_FILE))
+    callbacks.sync_weights(model)
+    final = run_dir.save_final_model(model, os.path.join(model_dir, network.MODEL_FILE))
     exported = run_dir.export_saved_model(final, os.path.join(model_dir, "export"), config["patch_size"],
                                           config["channels"], rho)
     if history:
@@ -344,17 +317,6 @@ def _train(data_dir: str, model_dir: str, a: dict, config: dict, started: float,
             "learning_rate": float(f"{float(schedule(step - 1)):.7g}") if step else None,
             "optimizer_iterations": int(np.asarray(optimizer.iterations)), "last": history[-1] if history else None,
             "model_dir": model_dir, "config": config}
-
-
-def keras_clone(model):
-    """An uncompiled copy of a model with the same weights (and the same trainable flags)."""
-    import keras
-
-    callbacks.sync_weights(model)
-    # from_config, not clone_model: clone_model also compiles the copy, with this module's loss functions.
-    clone = keras.Model.from_config(model.get_config())
-    clone.set_weights(model.get_weights())
-    return clone
 
 
 FLAGS = flags.FLAGS

@@ -179,3 +179,20 @@ def test_tower_weights_from_a_file(tmp_path):
     s = experiments.Settings("unused", str(tmp_path), experiments.SCALES["smoke"], tower_weights=str(tmp_path / "no.h5"))
     with pytest.raises(experiments.ExperimentError, match="no such file"):
         experiments.run_sweep(s, ["mobilenetv2_towers"])
+
+
+def test_architecture_option_puts_the_compact_network_in_the_homographynet_variants(synthetic_coco, tmp_path):
+    smoke = experiments.SCALES["smoke"]
+    scale = dataclasses.replace(smoke, max_images=0, train={**smoke.train, "steps": 4, "batch_size": 8,
+                                                            "val_every": 4, "log_every": 2, "steps_per_loop": 2,
+                                                            "checkpoint_every": 4, "lr_decay_steps": 2})
+    s = experiments.Settings(synthetic_coco, str(tmp_path / "exp"), scale, "smoke", architecture="compact",
+                             bn_momentum=0.9)
+    report = experiments.run_sweep(s, ["no_batchnorm"])
+    row = report["variants"][0]
+    config = json.load(open(os.path.join(experiments.run_dir(s, "no_batchnorm"), "config.json")))
+    assert row["architecture"] == config["architecture"] == "compact" and config["batchnorm"] is False
+    assert config["architecture_options"] == {"bn_momentum": 0.9} and config["final_step"] == 4
+    model, _ = network.load(experiments.run_dir(s, "no_batchnorm"))
+    assert row["parameters"] == model.count_params() == network.build_compact(32, batchnorm=False).count_params()
+    assert "--architecture=compact" in open(os.path.join(s.output_dir, experiments.REPORT_MD)).read()

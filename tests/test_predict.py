@@ -97,10 +97,21 @@ def test_cli_prints_h_and_draws(warped_pair, tmp_path):
     assert vis is not None and vis.shape[1] > 400 + 300
 
 
+def test_network_without_model_dir_uses_the_shipped_weights(warped_pair):
+    from model import network
+
+    path_a, path_b, _, _ = warped_pair
+    proc = run_cli(f"--image_a={path_a}", f"--image_b={path_b}")
+    if network.shipped_model_dir() is None:
+        assert proc.returncode == 2 and "needs --model_dir" in proc.stderr and "Traceback" not in proc.stderr
+        assert network.SHIPPED_MODEL_DIR in proc.stderr, proc.stderr[-2000:]
+    else:
+        assert proc.returncode == 0 and "H (network;" in proc.stdout, proc.stderr[-2000:]
+
+
 def test_cli_errors(warped_pair, tmp_path):
     path_a, _, _, _ = warped_pair
     for args, needle in (([f"--image_a={path_a}", f"--image_b={tmp_path}/none.png", "--method=sift"], "cannot read"),
-                         ([f"--image_a={path_a}", f"--image_b={path_a}"], "needs --model_dir"),
                          ([f"--image_a={path_a}", f"--image_b={path_a}", f"--model_dir={tmp_path}"],
                           "cannot load a model")):
         proc = run_cli(*args)
