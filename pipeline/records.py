@@ -26,7 +26,6 @@ import collections
 import concurrent.futures
 import copy
 import multiprocessing
-import os
 import struct
 from typing import Iterator
 
@@ -356,11 +355,6 @@ def model_inputs(batch: dict, rho: float) -> tuple:
 
 def num_batches(num_examples: int, batch_size: int, drop_remainder: bool) -> int:
     return num_examples // batch_size if drop_remainder else -(-num_examples // batch_size)
-
-
-def default_workers() -> int:
-    """Worker processes that pay: one per core beyond the one the consumer (training step) needs."""
-    return max(0, min(4, (os.cpu_count() or 1) - 1))
 
 
 def check_split(data_dir: str, split: str, workers: int = 0) -> dict:
