@@ -94,6 +94,7 @@ def run_build(coco_dir: pathlib.Path, out: pathlib.Path, workers: int, code_dir:
     cmd = [sys.executable, "-m", "pipeline.build", f"--coco_dir={coco_dir}", f"--output_dir={out}",
            "--splits=train=train2017", "--overwrite"] + runner_args(runner, workers)
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=str(code_dir))
+    os.sync()  # every run starts with no dirty pages of earlier ones to write back (large builds are disk-bound)
     t0 = time.time()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True, cwd=code_dir)
     with PeakRss(proc.pid) as rss:
