@@ -24,7 +24,6 @@ import os
 import posixpath
 
 from pipeline import schema
-from pipeline.geometry import PairConfig
 
 FORMAT_VERSION = 1
 
@@ -72,7 +71,7 @@ class SplitInfo:
 @dataclasses.dataclass(frozen=True)
 class DatasetInfo:
     data_dir: str
-    config: PairConfig
+    config: "PairConfig"  # pipeline.geometry's, imported when an index is read (it loads OpenCV)
     raw: dict
 
     @property
@@ -99,6 +98,8 @@ def read(data_dir: str) -> DatasetInfo:
     if not exists(path):
         raise DatasetError(f"no {schema.DATASET_INFO} in {data_dir}: not a built dataset "
                            f"(build one with: python -m pipeline.build --coco_dir=... --output_dir={data_dir})")
+    from pipeline.geometry import PairConfig
+
     try:
         with open_read(path) as f:
             raw = json.loads(f.read().decode("utf-8"))
