@@ -85,9 +85,8 @@ def build(coco_dir: str, output_dir: str, splits: dict, config: PairConfig, *, n
     # Workers must see the images and the output folder (or the folder it will be made in); local paths only.
     seen = [p for p in (coco_dir, _existing_parent(output_dir)) if "://" not in p]
     try:
-        # DaskRunner's GroupByKey hashes keys (dask tokenize) into as many partitions as its input has; at 4
-        # partitions per shard, two shards seldom share a task, and dask balances the tasks over workers.
-        with runners.session(options, worker_paths=seen, partitions=4 * max(shard_counts.values())):
+        # DaskRunner: one partition per shard, so one task writes one shard and dask balances them.
+        with runners.session(options, worker_paths=seen, partitions=max(shard_counts.values())):
             return _run(listings, shard_counts, output_dir, config, name, reduced_decode, overwrite, options, dry_run)
     except runners.RunnerError as e:
         raise BuildError(str(e)) from e

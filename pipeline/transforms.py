@@ -1,7 +1,7 @@
 """The Beam steps of the builder, each a named composite transform that can be tested alone.
 
-  ListedImages      (driver-side listing) -> PCollection[(shard, ImageRecord)]
-  GroupByShard      the fusion break: groups the small listing (never pair payloads) by shard
+  ListedImages      (driver-side listing, grouped by shard in the driver) -> PCollection[(shard, [ImageRecord])]
+  GroupByShard      the fusion break (a Reshuffle of the small listing, never pair payloads)
   WriteShards       read + decode + resize + generate + serialise + write one shard per group;
                     one output of (kind, dict): ('shard', result) per shard, ('failed', dict) per skipped image
   FinalizeSplit     failed_images-<split>.jsonl + the split's summary (counts, shards)
@@ -32,21 +32,29 @@ NAMESPACE = "homography"
 
 
 class ListedImages(beam.PTransform):
-    """The driver's listing of one split as a PCollection keyed by shard; small (paths only)."""
+    """The driver's listing of one split, one element per shard: (shard, its images); small (paths only).
+
+    Grouped here rather than by a GroupByKey: DaskRunner hashes GroupByKey keys into partitions (several
+    shards in one task, others idle) at a cost in tasks that grows with the square of the partitions;
+    a Create of one element per shard is one task per shard there."""
 
     def __init__(self, records: list, num_shards: int):
         super().__init__()
-        self._keyed = assign_shards(records, num_shards)
+        groups = {}
+        for shard, record in assign_shards(records, num_shards):
+            groups.setdefault(shard, []).append(record)
+        self._groups = sorted(groups.items())
 
     def expand(self, pbegin):
-        return pbegin | "Create" >> beam.Create(self._keyed, reshuffle=False)
+        return pbegin | "Create" >> beam.Create(self._groups, reshuffle=False)
 
 
 class GroupByShard(beam.PTransform):
-    """Breaks fusion after the listing, so reading images spreads over workers by shard."""
+    """Breaks fusion after the listing, so reading images spreads over workers by shard (DaskRunner
+    needs no break: it keeps the Create's partitions, one shard each)."""
 
     def expand(self, pcoll):
-        return pcoll | "GroupByKey" >> beam.GroupByKey()
+        return pcoll | "Reshuffle" >> beam.Reshuffle()
 
 
 class _WriteShardFn(beam.DoFn):

@@ -210,7 +210,7 @@ def test_dataflow_job_graph_builds_offline(coco_mini):
                               "--sdk_location=container"])
     names = {t.unique_name for t in result["job"].proto_pipeline.components.transforms.values()}
     for split in ("train", "validation"):
-        for step in ("ListImages", "GroupByShard/GroupByKey", "WriteShards/GenerateAndWrite", "Finalize/Summarize"):
+        for step in ("ListImages", "GroupByShard/Reshuffle", "WriteShards/GenerateAndWrite", "Finalize/Summarize"):
             assert f"{split}/{step}" in names
     assert "WriteDatasetInfo/Write" in names
     # The fusion break sits between the listing and the DoFn that reads the images.
