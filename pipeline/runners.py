@@ -91,8 +91,9 @@ def session(options: PipelineOptions, *, worker_paths=(), partitions: int = 0):
     if not dopts.address and not dopts.scheduler_file:
         n = options.view_as(_local_dask_options()).dask_local_workers or os.cpu_count() or 1
         # Processes, not threads: the DoFns are CPU-bound Python; 127.0.0.1 only, no dashboard.
+        # (the scheduler's HTTP server would still take 8787 or warn: a free port on 127.0.0.1 instead)
         cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True, host="127.0.0.1",
-                               dashboard_address=None)
+                               dashboard_address=None, scheduler_kwargs={"dashboard_address": "127.0.0.1:0"})
         dopts.address = cluster.scheduler_address
         logging.info("DaskRunner: started a LocalCluster of %d worker processes at %s", n, dopts.address)
     try:
