@@ -249,16 +249,17 @@ def _xy(batch: dict, rho: float):
 
 
 def train_batches(data_dir: str, split: str, batch_size: int, *, shuffle_buffer: int = 10000, seed: int | None = None,
-                  reader: str = "auto"):
+                  reader: str = "auto", workers: int = 0):
     """Endless, shuffled, full (inputs, labels) batches for Keras's fit: a tf.data.Dataset (uses_tf_data())
-    or a generator of numpy batches from the TensorFlow-free reader (same normalisation and labels)."""
+    or a generator of numpy batches from the TensorFlow-free reader (same normalisation and labels), its
+    shards decoded in `workers` processes (0: in this one)."""
     if uses_tf_data(reader):
         return make_dataset(data_dir, split, batch_size, training=True, shuffle_buffer=shuffle_buffer, seed=seed)
     from pipeline import records
 
     config = dataset_config(data_dir, split)
     stream = records.batches(data_dir, split, batch_size, shuffle=True, seed=seed, repeat=True,
-                             drop_remainder=True, shuffle_buffer=max(shuffle_buffer, 1))
+                             drop_remainder=True, shuffle_buffer=max(shuffle_buffer, 1), workers=workers)
     return (_xy(b, config.rho) for b in stream)
 
 

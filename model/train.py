@@ -67,14 +67,14 @@ DEFAULTS = dict(steps=90000, batch_size=64, optimizer="sgd", learning_rate=0.005
                 lr_decay_factor=0.1, loss="l2_distance", clip_norm=0.0, val_every=1000, val_batches=0, checkpoint_every=1000, log_every=100,
                 steps_per_loop=10, shuffle_buffer=10000, dropout=True, batchnorm=True, mixed_precision="none",
                 jit_compile=False, architecture="homographynet", seed=0, train_split="train",
-                val_split="validation", max_checkpoints=3, max_minutes=0.0, reader="auto")
+                val_split="validation", max_checkpoints=3, max_minutes=0.0, reader="auto", reader_workers=0)
 
 
 def _check_args(a: dict) -> None:
     for k in ("steps", "batch_size", "lr_decay_steps", "checkpoint_every", "log_every", "steps_per_loop"):
         if int(a[k]) <= 0:
             raise TrainError(f"--{k} must be positive, got {a[k]}")
-    for k in ("val_every", "val_batches", "shuffle_buffer", "max_minutes"):
+    for k in ("val_every", "val_batches", "shuffle_buffer", "max_minutes", "reader_workers"):
         if a[k] < 0:
             raise TrainError(f"--{k} must be >= 0, got {a[k]}")
     if a["optimizer"] not in OPTIMIZERS:
@@ -266,7 +266,8 @@ def _train(data_dir: str, model_dir: str, a: dict, config: dict, started: float,
         if start_step < a["steps"]:
             # Fresh shuffle order after a resume (the data stream itself is not checkpointed).
             stream = data.train_batches(data_dir, a["train_split"], batch, shuffle_buffer=a["shuffle_buffer"],
-                                        seed=a["seed"] + start_step, reader=a["reader"])
+                                        seed=a["seed"] + start_step, reader=a["reader"],
+                                        workers=a["reader_workers"])
             model.fit(stream, epochs=1, steps_per_epoch=a["steps"] - start_step, verbose=0, callbacks=[monitor],
                       shuffle=False)  # the stream is shuffled already
     except callbacks.Diverged as e:
@@ -358,6 +359,8 @@ def _define_flags():
     flags.DEFINE_string("val_split", "validation", "Split to validate on")
     flags.DEFINE_enum("reader", "auto", list(data.READERS), "Shard reader: tf.data (Keras on TensorFlow), records "
                       "(pipeline.records, no TensorFlow needed), auto = tf.data on TensorFlow, records otherwise")
+    flags.DEFINE_integer("reader_workers", 0, "Processes decoding training shards for the records reader (0: the "
+                         "training process itself; a GPU needs several to be fed)")
 
 
 def main(argv):

@@ -44,7 +44,7 @@ assert keras.backend.backend() == "jax"
 from model import evaluate, network, predict, train  # the CLIs' modules, whole
 args = json.loads(sys.argv[1])
 first = train.train(args["data"], args["run"], steps=16, **args["small"])
-second = train.train(args["data"], args["run"], steps=32, **args["small"])
+second = train.train(args["data"], args["run"], steps=32, reader_workers=2, **args["small"])
 report = evaluate.evaluate(args["data"], "validation", args["report"], model_dir=args["run"],
                            methods=["identity", "network"], num_visualizations=1)
 patches = np.load(args["patches"])
@@ -104,6 +104,7 @@ def test_jax_runs_without_tensorflow_or_beam(both_backends):
     assert result["predict_ok"] and np.isfinite(result["network_mace"])
     config = json.load(open(os.path.join(args["run"], "config.json")))
     assert config["backend"] == "jax" and config["tensorflow"] is None and config["input"] == "pipeline.records"
+    assert config["reader_workers"] == 2  # the resumed half read its shards in worker processes
     assert config["export"] is None and "needs Keras on TensorFlow" in config["export_note"]
     assert not os.path.exists(os.path.join(args["run"], "export"))
     assert os.path.exists(os.path.join(args["run"], "model.keras"))
