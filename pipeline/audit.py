@@ -119,7 +119,9 @@ def audit(data_dir: str, output_dir: str, *, residual_threshold: float = 1.0, ma
     started = time.time()
     try:
         with runners.session(options, worker_paths=[p for p in (data_dir, output_dir) if "://" not in p],
-                             partitions=len(shard_specs(info))):
+                             # equal shards, split evenly: 4 tasks a thread balance them; each
+                             # CombinePerKey's task shuffle grows with the partitions (DaskRunner)
+                             partitions=lambda threads: min(len(shard_specs(info)), 4 * threads)):
             pipeline = beam.Pipeline(options=options)
             build_pipeline(pipeline, info, output_dir, residual_threshold)
             result = pipeline.run()

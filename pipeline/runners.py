@@ -73,11 +73,12 @@ def _sees_paths(paths):  # runs on each worker
 
 
 @contextlib.contextmanager
-def session(options: PipelineOptions, *, worker_paths=(), partitions: int = 0):
+def session(options: PipelineOptions, *, worker_paths=(), partitions=0):
     """Around building and running a pipeline. For DaskRunner: starts a LocalCluster when no scheduler
     is named, refuses an unreachable or worker-less scheduler and local paths a worker cannot see
-    (worker_paths), and sets --dask_npartitions to `partitions` unless given (the runner's default of
-    128 elements per partition would put a whole small listing in one task). Other runners: nothing."""
+    (worker_paths), and sets --dask_npartitions to `partitions` (an int, or a function of the cluster's
+    thread count) unless given: the runner's default of 128 elements per partition would put a whole
+    small listing in one task. Other runners: nothing."""
     set_default_runner(options)
     if not is_dask(options):
         yield
@@ -118,10 +119,12 @@ def session(options: PipelineOptions, *, worker_paths=(), partitions: int = 0):
                     raise RunnerError(f"dask worker {w} cannot see {', '.join(m)}: data and output must be on a "
                                       f"filesystem every worker mounts at the same path")
             workers = client.scheduler_info()["workers"]
-            logging.info("DaskRunner: %d workers, %d threads at %s", len(workers),
-                         sum(w.get("nthreads", 1) for w in workers.values()), where)
+            threads = sum(w.get("nthreads", 1) for w in workers.values())
+            logging.info("DaskRunner: %d workers, %d threads at %s", len(workers), threads, where)
         finally:
             client.close()
+        if callable(partitions):
+            partitions = partitions(threads)
         if partitions and not dopts.npartitions and not dopts.partition_size:
             dopts.npartitions = partitions
         yield
