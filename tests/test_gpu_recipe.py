@@ -109,3 +109,30 @@ def test_bundle_refuses_missing_input(tmp_path):
     done = subprocess.run([sys.executable, "-m", "model.gpu_bundle", f"--coco_dir={tmp_path / 'nope'}",
                            f"--bundle_dir={tmp_path / 'b'}", "--nowheels"], cwd=REPO, capture_output=True, text=True)
     assert done.returncode == 2 and "does not exist" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_box_command_end_to_end_on_jax_without_tensorflow_or_beam(coco_mini, tmp_path):
+    """The GPU box's one command, here on the CPU with tiny settings: build, train, evaluate, summary."""
+    from model import gpu_bundle
+
+    bundle = tmp_path / "bundle"
+    gpu_bundle.prepare(coco_mini, str(bundle), SPLITS, wheels=False)
+    out = tmp_path / "out"
+    argv = ["model.gpu_run", f"--bundle_dir={bundle}", f"--output_dir={out}", "--architectures=compact",
+            "--max_images=3", "--patches_per_image=4", "--steps=2", "--batch_size=4", "--minutes=10", "--workers=2"]
+    done = run_blocked(f"sys.argv = {argv!r}\nfrom model import gpu_run\ngpu_run.run()\n", KERAS_BACKEND="jax")
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["keras_backend"] == "jax" and summary["device"].startswith("cpu")
+    net = summary["networks"]["compact"]
+    assert net["steps"] == 2 and net["parameters"] < 2_000_000
+    assert summary["num_eval_pairs"] == 3 * 10  # the validation images at 10 pairs each
+    assert set(summary["methods"]) == {"identity", "orb", "sift"}
+    assert 15 < summary["methods"]["identity"]["mean_mace"] < 35  # ~0.765 rho: the eval pairs are rho 32
+    assert net["validation"]["num_pairs"] == 30
+    assert (out / "compact" / "model.keras").is_file() and (out / "compact" / "mace_report.md").is_file()
+    assert "| compact | " in (out / "summary.md").read_text()
+    # A missing bundle is one line, exit 2.
+    done = run_blocked(f"sys.argv = ['model.gpu_run', '--bundle_dir={tmp_path / 'none'}', '--output_dir={out}']\n"
+                       "from model import gpu_run\ngpu_run.run()\n")
+    assert done.returncode == 2 and "manifest.json is missing" in done.stderr and "Traceback" not in done.stderr
