@@ -273,7 +273,7 @@ def _shuffled(chunks, capacity: int, rng, unit: int) -> Iterator[dict]:
                     buf[key][m:m + take] = v[pos:pos + take]
                 m, pos = m + take, pos + take
                 continue
-            take = min(unit, k - pos)
+            take = min(unit, capacity, k - pos)
             idx = rng.choice(capacity, take, replace=False)
             yield {key: v[idx] for key, v in buf.items()}
             for key, v in chunk.items():

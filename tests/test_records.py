@@ -138,6 +138,8 @@ def test_shuffle_is_a_seeded_permutation(mini_build):
     c = _ids(records.batches(mini_build, "train", 32, shuffle=True, seed=4, shuffle_buffer=64))
     assert a == b and a != c and a != plain
     assert sorted(a) == sorted(c) == sorted(plain)
+    small = _ids(records.batches(mini_build, "train", 100, shuffle=True, seed=3, shuffle_buffer=10))
+    assert sorted(small) == sorted(plain) and small != plain  # a buffer smaller than a batch works too
     # Mixed beyond the buffer's reach: records travel across shards, not only within a window of 64.
     pos = {r: i for i, r in enumerate(plain)}
     assert max(abs(pos[r] - i) for i, r in enumerate(a)) > 64
