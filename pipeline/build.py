@@ -19,7 +19,6 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 from pipeline import cli, coco, dataset_info, runners, schema, shards, transforms
 from pipeline.geometry import PairConfig
 
-DEFAULT_SPLITS = "train=train2017,validation=val2017"
 
 
 class BuildError(ValueError):
@@ -161,29 +160,14 @@ FLAGS = flags.FLAGS
 
 def _define_flags():
     """Defined when the CLI runs, not at import: other commands import build() and define their own flags."""
-    flags.DEFINE_string("coco_dir", None, "COCO 2017 root (images in <split>/, annotations/ beside); local or gs://")
-    flags.DEFINE_string("output_dir", None, "Where the shards, failed_images-*.jsonl and dataset_info.json go")
-    flags.DEFINE_string("splits", DEFAULT_SPLITS, "Comma list of OUTPUT_SPLIT=COCO_SPLIT")
-    flags.DEFINE_integer("rho", 32, "Maximum corner perturbation in pixels")
-    flags.DEFINE_integer("patch_size", 128, "Patch side P in pixels")
-    flags.DEFINE_integer("image_width", 320, "Width the images are resized to")
-    flags.DEFINE_integer("image_height", 240, "Height the images are resized to")
-    flags.DEFINE_integer("patches_per_image", 10, "Pairs generated per image")
-    flags.DEFINE_integer("seed", 0, "Seed; each image's draws come from (seed, split, image id)")
-    flags.DEFINE_integer("max_images", 0, "Use only the first N images (by id) of each split; 0 = all")
-    flags.DEFINE_integer("num_shards", 0, "Shards per split; 0 = automatic (~64 MiB each, at least 8)")
-    flags.DEFINE_bool("color", False, "3-channel (BGR) patches instead of grayscale")
-    flags.DEFINE_string("dataset_name", "homography", "Prefix of the shard files")
-    flags.DEFINE_bool("overwrite", False, "Replace a dataset already in output_dir")
-    flags.DEFINE_bool("reduced_decode", True, "Decode large JPEGs at 1/2, 1/4 or 1/8 size (needs sizes from the annotations)")
+    cli.define_dataset_flags("COCO 2017 root (images in <split>/, annotations/ beside); local or gs://",
+                             "Where the shards, failed_images-*.jsonl and dataset_info.json go")
 
 
 def main(argv):
     if not FLAGS.coco_dir or not FLAGS.output_dir:
         return cli.fail("pipeline.build", "--coco_dir and --output_dir are required")
-    config = PairConfig(patch_size=FLAGS.patch_size, rho=FLAGS.rho, image_width=FLAGS.image_width,
-                        image_height=FLAGS.image_height, channels=3 if FLAGS.color else 1,
-                        patches_per_image=FLAGS.patches_per_image, seed=FLAGS.seed)
+    config = cli.pair_config_from_flags()
     try:
         info = build(FLAGS.coco_dir, FLAGS.output_dir, parse_splits(FLAGS.splits), config,
                      num_shards=FLAGS.num_shards, max_images=FLAGS.max_images, overwrite=FLAGS.overwrite,

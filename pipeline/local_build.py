@@ -111,20 +111,10 @@ def build(coco_dir: str, output_dir: str, splits: dict, config: PairConfig, *, n
 def _define_flags():
     from absl import flags
 
-    flags.DEFINE_string("coco_dir", None, "COCO 2017 root (images in <split>/, annotations/ beside); local")
-    flags.DEFINE_string("output_dir", None, "Local folder for the shards, failed_images-*.jsonl, dataset_info.json")
-    flags.DEFINE_string("splits", "train=train2017,validation=val2017", "Comma list of OUTPUT_SPLIT=COCO_SPLIT")
-    flags.DEFINE_integer("rho", 32, "Maximum corner perturbation in pixels")
-    flags.DEFINE_integer("patch_size", 128, "Patch side P in pixels")
-    flags.DEFINE_integer("image_width", 320, "Width the images are resized to")
-    flags.DEFINE_integer("image_height", 240, "Height the images are resized to")
-    flags.DEFINE_integer("patches_per_image", 10, "Pairs generated per image")
-    flags.DEFINE_integer("seed", 0, "Seed; each image's draws come from (seed, split, image id)")
-    flags.DEFINE_integer("max_images", 0, "Use only the first N images (by id) of each split; 0 = all")
-    flags.DEFINE_integer("num_shards", 0, "Shards per split; 0 = automatic (as pipeline.build)")
-    flags.DEFINE_bool("color", False, "3-channel (BGR) patches instead of grayscale")
-    flags.DEFINE_string("dataset_name", "homography", "Prefix of the shard files")
-    flags.DEFINE_bool("overwrite", False, "Replace a dataset already in output_dir")
+    from pipeline import cli
+
+    cli.define_dataset_flags("COCO 2017 root (images in <split>/, annotations/ beside); local",
+                             "Local folder for the shards, failed_images-*.jsonl and dataset_info.json")
     flags.DEFINE_integer("workers", 0, "Worker processes; 0 = one per core")
 
 
@@ -145,11 +135,10 @@ def main(argv):
         return cli.fail("pipeline.local_build", f"unexpected arguments: {' '.join(argv[1:])}")
     if not f.coco_dir or not f.output_dir:
         return cli.fail("pipeline.local_build", "--coco_dir and --output_dir are required")
-    config = PairConfig(patch_size=f.patch_size, rho=f.rho, image_width=f.image_width, image_height=f.image_height,
-                        channels=3 if f.color else 1, patches_per_image=f.patches_per_image, seed=f.seed)
     try:
-        info = build(f.coco_dir, f.output_dir, parse_splits(f.splits), config, num_shards=f.num_shards,
-                     max_images=f.max_images, overwrite=f.overwrite, name=f.dataset_name, workers=f.workers)
+        info = build(f.coco_dir, f.output_dir, parse_splits(f.splits), cli.pair_config_from_flags(),
+                     num_shards=f.num_shards, max_images=f.max_images, overwrite=f.overwrite, name=f.dataset_name,
+                     reduced_decode=f.reduced_decode, workers=f.workers)
     except (LocalBuildError, dataset_info.DatasetError) as e:
         return cli.fail("pipeline.local_build", str(e))
     total = sum(s["num_examples"] for s in info["splits"].values())
