@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging as std_logging
 import os
+import sys
 
 from absl import logging
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
@@ -84,6 +85,7 @@ def session(options: PipelineOptions, *, worker_paths=(), partitions=0):
         yield
         return
     dopts = _dask_options(options)
+    import dask
     from distributed import Client, LocalCluster
 
     std_logging.getLogger("distributed").setLevel(std_logging.WARNING)  # INFO: a line per connection
@@ -93,36 +95,19 @@ def session(options: PipelineOptions, *, worker_paths=(), partitions=0):
         n = options.view_as(_local_dask_options()).dask_local_workers or os.cpu_count() or 1
         # Processes, not threads: the DoFns are CPU-bound Python; 127.0.0.1 only, no dashboard.
         # (the scheduler's HTTP server would still take 8787 or warn: a free port on 127.0.0.1 instead)
-        cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True, host="127.0.0.1",
-                               dashboard_address=None, scheduler_kwargs={"dashboard_address": "127.0.0.1:0"})
+        # Forked on Linux: workers start with Beam and OpenCV already imported, in 1 s instead of the ~10 s
+        # that spawned workers spent re-importing them (2 loaded cores), and exit at once (spawned: ~3 s).
+        # Elsewhere (macOS: fork is unsafe there) dask's default, spawn.
+        method = "fork" if sys.platform.startswith("linux") else "spawn"
+        with dask.config.set({"distributed.worker.multiprocessing-method": method}):
+            cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True, host="127.0.0.1",
+                                   dashboard_address=None,
+                                   scheduler_kwargs={"dashboard_address": "127.0.0.1:0"})
         dopts.address = cluster.scheduler_address
         logging.info("DaskRunner: started a LocalCluster of %d worker processes at %s", n, dopts.address)
     try:
-        where = dopts.address or f"scheduler file {dopts.scheduler_file}"
-        try:
-            client = Client(address=dopts.address, scheduler_file=dopts.scheduler_file,
-                            timeout=dopts.timeout if isinstance(dopts.timeout, int) else CONNECT_TIMEOUT_S,
-                            set_as_default=False)
-        except (OSError, TimeoutError, ValueError) as e:
-            raise RunnerError(f"cannot reach the dask scheduler at {where}: {type(e).__name__}: {e}") from e
-        try:
-            try:
-                client.wait_for_workers(1, timeout=WORKER_WAIT_S)
-            except TimeoutError as e:
-                raise RunnerError(f"the dask scheduler at {where} has no workers after {WORKER_WAIT_S} s "
-                                  f"(start some with `dask worker {dopts.address or 'ADDRESS'}`)") from e
-            local = [p for p in worker_paths if p and "://" not in p]
-            if local:
-                missing = {w: m for w, m in client.run(_sees_paths, local).items() if m}
-                if missing:
-                    w, m = sorted(missing.items())[0]
-                    raise RunnerError(f"dask worker {w} cannot see {', '.join(m)}: data and output must be on a "
-                                      f"filesystem every worker mounts at the same path")
-            workers = client.scheduler_info()["workers"]
-            threads = sum(w.get("nthreads", 1) for w in workers.values())
-            logging.info("DaskRunner: %d workers, %d threads at %s", len(workers), threads, where)
-        finally:
-            client.close()
+        # A LocalCluster started here is up, on this machine's filesystem: nothing to check.
+        threads = n if cluster is not None else _check_cluster(Client, dopts, worker_paths)
         if callable(partitions):
             partitions = partitions(threads)
         if partitions and not dopts.npartitions and not dopts.partition_size:
@@ -134,6 +119,37 @@ def session(options: PipelineOptions, *, worker_paths=(), partitions=0):
                 cluster.close()
             except Exception as e:  # the job's outcome is decided; a slow shutdown must not change it
                 logging.warning("DaskRunner: closing the LocalCluster: %s: %s", type(e).__name__, e)
+
+
+def _check_cluster(Client, dopts, worker_paths) -> int:
+    """Refuses a scheduler that does not answer, has no workers, or whose workers miss a local path;
+    returns the cluster's thread count."""
+    where = dopts.address or f"scheduler file {dopts.scheduler_file}"
+    try:
+        client = Client(address=dopts.address, scheduler_file=dopts.scheduler_file,
+                        timeout=dopts.timeout if isinstance(dopts.timeout, int) else CONNECT_TIMEOUT_S,
+                        set_as_default=False)
+    except (OSError, TimeoutError, ValueError) as e:
+        raise RunnerError(f"cannot reach the dask scheduler at {where}: {type(e).__name__}: {e}") from e
+    try:
+        try:
+            client.wait_for_workers(1, timeout=WORKER_WAIT_S)
+        except TimeoutError as e:
+            raise RunnerError(f"the dask scheduler at {where} has no workers after {WORKER_WAIT_S} s "
+                              f"(start some with `dask worker {dopts.address or 'ADDRESS'}`)") from e
+        local = [p for p in worker_paths if p and "://" not in p]
+        if local:
+            missing = {w: m for w, m in client.run(_sees_paths, local).items() if m}
+            if missing:
+                w, m = sorted(missing.items())[0]
+                raise RunnerError(f"dask worker {w} cannot see {', '.join(m)}: data and output must be on a "
+                                  f"filesystem every worker mounts at the same path")
+        workers = client.scheduler_info()["workers"]
+        threads = sum(w.get("nthreads", 1) for w in workers.values())
+        logging.info("DaskRunner: %d workers, %d threads at %s", len(workers), threads, where)
+        return threads
+    finally:
+        client.close()
 
 
 def close(result) -> None:
