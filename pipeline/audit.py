@@ -127,10 +127,7 @@ def audit(data_dir: str, output_dir: str, *, residual_threshold: float = 1.0, ma
             result = pipeline.run()
             if options.view_as(TestOptions).dry_run:  # job graph built (and, on Dataflow, checked), nothing ran
                 return {"dry_run": True, "job": getattr(result, "job", None)}
-            try:
-                result.wait_until_finish()
-            finally:
-                runners.close(result)
+            runners.wait(result)  # and closes a DaskRunner's client
     except runners.RunnerError as e:
         raise AuditError(str(e)) from e
     raw_path = dataset_info.join(output_dir, RAW_RESULTS)

@@ -123,10 +123,7 @@ def _run(listings, shard_counts, output_dir, config, name, reduced_decode, overw
     result = pipeline.run()
     if dry_run:
         return {"dry_run": True, "job": getattr(result, "job", None), "pipeline": pipeline}
-    try:
-        result.wait_until_finish()
-    finally:
-        runners.close(result)
+    runners.wait(result)  # and closes a DaskRunner's client
     info = dataset_info.read(output_dir).raw
     info["build"]["seconds"] = round(time.time() - started, 1)
     counters = runners.counters(result, transforms.NAMESPACE)

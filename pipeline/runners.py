@@ -152,6 +152,20 @@ def _check_cluster(Client, dopts, worker_paths) -> int:
         client.close()
 
 
+def wait(result) -> None:
+    """result.wait_until_finish(), then close(result). A task whose dask workers kept dying
+    (distributed.scheduler.allowed-failures, 3 by default) fails the job: one line (RunnerError)."""
+    try:
+        result.wait_until_finish()
+    except Exception as e:
+        if type(e).__name__ == "KilledWorker":  # distributed.KilledWorker, without importing dask here
+            raise RunnerError(f"the dask job failed, workers died running one of its tasks: "
+                              f"{str(e).splitlines()[0][:300]}") from e
+        raise
+    finally:
+        close(result)
+
+
 def close(result) -> None:
     """Closes the client a DaskRunner job opened (a no-op for other runners' results)."""
     client = getattr(result, "client", None)

@@ -19,7 +19,7 @@ import pytest
 from apache_beam.io.tfrecordio import _TFRecordUtil
 
 from pipeline import audit, audit_transforms as at, dataset_info, schema
-from pipeline.build import build
+from pipeline.build import BuildError, build
 from pipeline.geometry import PairConfig
 from tests.conftest import REPO, make_coco_layout, textured_image
 
@@ -64,7 +64,7 @@ def _stop(procs):
 
 
 @contextlib.contextmanager
-def dask_processes(tmp_path, workers=2):
+def dask_processes(tmp_path, workers=2, scheduler_env=None):
     """`dask scheduler` and `dask worker` as separate processes on 127.0.0.1, as README's recipe starts
     them; yields (address, {worker address: Popen}); always stopped. Orphans end themselves: the
     scheduler after 5 idle minutes, the workers 30 s after losing it."""
@@ -76,7 +76,8 @@ def dask_processes(tmp_path, workers=2):
         procs.append(subprocess.Popen(
             [DASK_BIN, "scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard",
              "--scheduler-file", str(sched_file), "--idle-timeout", "300"],
-            stdout=subprocess.DEVNULL, stderr=open(logs / "scheduler.log", "w")))
+            stdout=subprocess.DEVNULL, stderr=open(logs / "scheduler.log", "w"),
+            env=dict(os.environ, **(scheduler_env or {}))))
         deadline = time.time() + 60
         while not sched_file.exists() and time.time() < deadline:
             time.sleep(0.2)
@@ -157,11 +158,16 @@ def test_cli_build_on_separate_scheduler_and_worker_processes_with_bad_inputs(cl
         (8, "truncated"), (9, "empty"), (10, "undecodable"), (11, "missing")]
 
 
-def test_worker_killed_mid_build_has_its_work_redone(coco_mini, tmp_path):
+@pytest.mark.parametrize("retries", [3, 0])
+def test_worker_killed_mid_build_is_redone_or_fails_cleanly(retries, coco_mini, tmp_path):
+    """Dask's default (3 retries): the dead worker's tasks are redone elsewhere, records byte-identical.
+    No retries allowed: the build fails with one line and no dataset_info.json."""
     kw = dict(splits={"train": "train2017"}, config=PairConfig(patches_per_image=20), max_images=48, num_shards=4)
-    build(coco_mini, str(tmp_path / "direct"), beam_args=DIRECT, **kw)
+    if retries:
+        build(coco_mini, str(tmp_path / "direct"), beam_args=DIRECT, **kw)
     out = tmp_path / "dask"
-    with dask_processes(tmp_path, workers=2) as (address, workers):
+    env = {"DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES": str(retries)}
+    with dask_processes(tmp_path, workers=2, scheduler_env=env) as (address, workers):
         from distributed import Client
         killed = {}
 
@@ -179,12 +185,20 @@ def test_worker_killed_mid_build_has_its_work_redone(coco_mini, tmp_path):
 
         killer = threading.Thread(target=kill_a_busy_worker, daemon=True)
         killer.start()
-        info = build(coco_mini, str(out), beam_args=dask_args(address), **kw)
+        if retries:
+            info = build(coco_mini, str(out), beam_args=dask_args(address), **kw)
+        else:
+            with pytest.raises(BuildError, match=r"^the dask job failed, workers died running one of its tasks: "
+                                                 r".*all those workers died"):
+                build(coco_mini, str(out), beam_args=dask_args(address), **kw)
         killer.join(timeout=30)
         assert killed and killed["tasks"] > 0, "no worker was killed while it held work"
         assert workers[killed["worker"]].poll() == -signal.SIGKILL
-    assert info["splits"]["train"]["num_examples"] == 960
-    assert_same_dataset(str(tmp_path / "direct"), str(out))
+    if retries:
+        assert info["splits"]["train"]["num_examples"] == 960
+        assert_same_dataset(str(tmp_path / "direct"), str(out))
+    else:
+        assert not (out / schema.DATASET_INFO).exists()
 
 
 @pytest.mark.parametrize("module", ["pipeline.build", "pipeline.audit"])
