@@ -40,8 +40,9 @@ def check_methods(names: list, with_network: bool) -> list:
     unknown = [n for n in names if n not in methods_lib.ALL_METHODS]
     if unknown:
         raise EvaluationError(f"unknown method(s) {', '.join(unknown)}; known: {', '.join(methods_lib.ALL_METHODS)}")
-    if "network" in names and not with_network:
-        raise EvaluationError("method 'network' needs --model_dir (a training run)")
+    needs = [n for n in names if n in methods_lib.NETWORK_METHODS]
+    if needs and not with_network:
+        raise EvaluationError(f"method '{needs[0]}' needs --model_dir (a training run)")
     if not names or len(set(names)) != len(names):
         raise EvaluationError(f"--methods must name each method once, got {','.join(names) or 'nothing'}")
     return names
@@ -84,21 +85,28 @@ class _Collected:
     seconds: float = 0.0
 
 
+def _network(model, a, b, model_rho: float):
+    """(offsets (N, 4, 2), finite (N,)): a diverged model's non-finite outputs become the identity."""
+    out = methods_lib.network_offsets(model, a, b, model_rho)
+    finite = np.isfinite(out).all(axis=(1, 2))
+    out[~finite] = 0.0
+    return out, finite
+
+
 def _run_batch(batch: dict, names: list, collected: dict, model, model_rho: float) -> None:
     a, b = batch["patch_a"], batch["patch_b"]
     for name in names:
         start = time.perf_counter()
         if name == "network":
-            out = methods_lib.network_offsets(model, a, b, model_rho)
-            finite = np.isfinite(out).all(axis=(1, 2))  # a diverged model: scored as the identity, counted
-            out[~finite] = 0.0
+            out, finite = _network(model, a, b, model_rho)
             collected[name].offsets.extend(out)
             collected[name].ok.extend(finite.tolist())
             if not finite.all():
                 collected[name].reasons["non-finite output"] += int((~finite).sum())
         else:
-            for pa, pb in zip(a, b):
-                e = methods_lib.estimate(name, pa, pb)
+            net = _network(model, a, b, model_rho)[0] if name == "sift_or_network" else None
+            for i, (pa, pb) in enumerate(zip(a, b)):
+                e = methods_lib.sift_or_network(pa, pb, net[i]) if net is not None else methods_lib.estimate(name, pa, pb)
                 collected[name].offsets.append(e.offsets)
                 collected[name].ok.append(e.ok)
                 if not e.ok:  # counted by kind: the text before any detail in parentheses or after ':'
@@ -133,7 +141,7 @@ def evaluate(data_dir: str, split: str, output_dir: str, *, model_dir: str | Non
     if max_pairs < 0 or num_visualizations < 0:
         raise EvaluationError("--max_pairs and --num_visualizations must be >= 0")
     model, run = (None, None)
-    if "network" in names:
+    if set(names) & set(methods_lib.NETWORK_METHODS):
         model, run = load_network(model_dir, cfg.patch_size, cfg.channels)
     total = min(max_pairs, cfg.num_examples) if max_pairs else cfg.num_examples
     # Pairs to draw: spread evenly over the evaluated pairs, so they come from different images.

@@ -26,7 +26,11 @@ from pipeline import geometry
 
 CLASSICAL = ("identity", "orb", "orb_default", "sift", "ecc")
 DEFAULT_CLASSICAL = ("identity", "orb", "sift", "ecc")  # orb_default is on request (--methods)
-ALL_METHODS = CLASSICAL + ("network",)
+# Methods that need the trained network. sift_or_network: SIFT's estimate where SIFT finds a plausible
+# homography, the network's where it does not (few features, repeated texture): the classical method's
+# precision where it works, the network's robustness where it fails.
+NETWORK_METHODS = ("network", "sift_or_network")
+ALL_METHODS = CLASSICAL + NETWORK_METHODS
 
 RATIO = 0.8            # Lowe's ratio test; 0.8 as in Lowe (2004): rejects ~90% of false matches
 MIN_MATCHES = 8        # ratio-test survivors needed before RANSAC is worth running
@@ -246,6 +250,14 @@ def estimate(method: str, patch_a: np.ndarray, patch_b: np.ndarray) -> Estimate:
     if method not in _FUNCTIONS:
         raise ValueError(f"unknown classical method '{method}'; known: {', '.join(_FUNCTIONS)}")
     return _FUNCTIONS[method](patch_a, patch_b)
+
+
+def sift_or_network(patch_a: np.ndarray, patch_b: np.ndarray, network_offsets_ab: np.ndarray) -> Estimate:
+    """SIFT on one pair; where it fails, the network's offsets (4, 2) for that pair (never the identity)."""
+    e = sift(patch_a, patch_b)
+    if e.ok:
+        return e
+    return Estimate(np.asarray(network_offsets_ab, np.float32).reshape(4, 2), True, None)
 
 
 def network_offsets(model, patches_a: np.ndarray, patches_b: np.ndarray, rho: float,

@@ -30,7 +30,7 @@ COLUMNS = (("method", None), ("pairs", "num_pairs"), ("mean MACE (px)", "mean_ma
            ("failure rate", "failure_rate"), ("seconds / pair", "seconds_per_pair"))
 
 COLOURS = {"true": "#2ca02c", "identity": "#7f7f7f", "orb": "#1f77b4", "orb_default": "#17becf",
-           "sift": "#ff7f0e", "ecc": "#9467bd", "network": "#d62728"}
+           "sift": "#ff7f0e", "ecc": "#9467bd", "network": "#d62728", "sift_or_network": "#e377c2"}
 
 
 def colour(method: str) -> str:

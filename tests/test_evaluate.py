@@ -111,6 +111,8 @@ def test_library_refuses_unknown_methods_and_network_without_model(built_dataset
         evaluate.evaluate(built_dataset, "validation", str(tmp_path), methods=["surf"])
     with pytest.raises(evaluate.EvaluationError, match="needs --model_dir"):
         evaluate.evaluate(built_dataset, "validation", str(tmp_path), methods=["network"])
+    with pytest.raises(evaluate.EvaluationError, match="'sift_or_network' needs --model_dir"):
+        evaluate.evaluate(built_dataset, "validation", str(tmp_path), methods=["sift", "sift_or_network"])
 
 
 # ---- the network, through a tiny real training run ----
@@ -141,6 +143,13 @@ def test_network_is_evaluated_batched(built_dataset, tiny_run, tmp_path):
     pred = methods.network_offsets(model, batch["patch_a"].numpy(), batch["patch_b"].numpy(), run["rho"])
     errors = np.linalg.norm(pred - batch["offsets"].numpy().reshape(-1, 4, 2), axis=-1).mean(-1)
     assert net["mean_mace"] == pytest.approx(errors.mean(), abs=2e-3)
+    # SIFT where it finds H, the network where it does not: never an identity fallback.
+    both = evaluate.evaluate(built_dataset, "validation", str(tmp_path / "both"), model_dir=tiny_run,
+                             methods=["sift", "sift_or_network"], max_pairs=20, num_visualizations=0, batch_size=8)
+    sift, hybrid = both["methods"]["sift"], both["methods"]["sift_or_network"]
+    assert hybrid["failures"] == 0 and hybrid["num_pairs"] == 20
+    if sift["failures"] == 0:
+        assert hybrid["mean_mace"] == sift["mean_mace"]
 
 
 def test_cli_refuses_a_model_of_another_patch_size(built_dataset, tiny_run, tmp_path):

@@ -77,3 +77,15 @@ def test_failures_fall_back_to_the_identity_and_say_why():
 def test_unknown_method_is_refused():
     with pytest.raises(ValueError, match="unknown classical method"):
         methods.estimate("surf", np.zeros((8, 8, 1), np.uint8), np.zeros((8, 8, 1), np.uint8))
+
+
+def test_sift_or_network_keeps_sift_where_it_works_and_the_network_where_it_fails(textured_pairs):
+    guess = np.full((4, 2), 3.5, np.float32)  # what a network would have said
+    p = textured_pairs[0]
+    e = methods.sift_or_network(p.patch_a, p.patch_b, guess)
+    assert e.ok and np.allclose(e.offsets, methods.sift(p.patch_a, p.patch_b).offsets)
+    assert not np.allclose(e.offsets, guess)
+    flat = np.full_like(p.patch_a, 128)  # no features: SIFT fails, the network's offsets are used
+    assert not methods.sift(flat, flat).ok
+    e = methods.sift_or_network(flat, flat, guess)
+    assert e.ok and np.array_equal(e.offsets, guess)
