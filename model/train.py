@@ -257,6 +257,7 @@ def _train(data_dir: str, model_dir: str, a: dict, config: dict, started: float,
         history=history, learning_rate=schedule, validate=validate if a["val_every"] else None, scalars=scalars,
         max_seconds=60.0 * a["max_minutes"], started=started, step_hook=step_hook)
     monitor.set_model(model)  # fit sets it too; a finished run's rerun (no fit) still checkpoints through it
+    monitor.last_checkpoint = start_step if latest else None  # already on disk
     iterations0 = int(np.asarray(optimizer.iterations))
 
     def steps_done() -> int:  # exact after an exception too: the optimizer counts the steps it applied
@@ -270,6 +271,7 @@ def _train(data_dir: str, model_dir: str, a: dict, config: dict, started: float,
                                         workers=a["reader_workers"])
             model.fit(stream, epochs=1, steps_per_epoch=a["steps"] - start_step, verbose=0, callbacks=[monitor],
                       shuffle=False)  # the stream is shuffled already
+        monitor.checkpoint(monitor.step)  # the last step's (refused, as Diverged, if its weights are non-finite)
     except callbacks.Diverged as e:
         last = run_dir.latest_checkpoint(model_dir)
         raise Diverged(f"{e}; stopped without saving it: "
@@ -298,8 +300,7 @@ def _train(data_dir: str, model_dir: str, a: dict, config: dict, started: float,
     finally:
         scalars.close()
 
-    step = monitor.step if start_step < a["steps"] else start_step
-    monitor.checkpoint(step)  # also refuses non-finite weights
+    step = monitor.step
     callbacks.sync_weights(model)
     final = run_dir.save_final_model(model, os.path.join(model_dir, network.MODEL_FILE))
     exported = run_dir.export_saved_model(final, os.path.join(model_dir, "export"), config["patch_size"],
