@@ -31,7 +31,7 @@ sys.meta_path.insert(0, _Block())
 """
 
 JAX_SIDE = """
-import json, sys
+import json, os, shutil, sys
 import numpy as np
 for name in ("tensorflow", "apache_beam"):
     try:
@@ -60,6 +60,21 @@ with open(args["image"], "rb") as f:
 pred = predict.predict_homography(image, image, "network", patch_size=config["patch_size"], model=model,
                                   rho=config["rho"])
 out["predict_ok"] = bool(pred.ok and np.isfinite(pred.homography).all())
+# a shard cut while training runs: named, after a checkpoint of the last completed step (JAX's state synced)
+from model import data, run_dir
+shutil.copytree(args["data"], args["damaged"])
+shard = os.path.join(args["damaged"], sorted(p for p in os.listdir(args["damaged"]) if "-train.tfrecord" in p)[1])
+def cut(step):
+    if step == 4:
+        with open(shard, "r+b") as f:
+            f.truncate(5000)
+try:
+    train.train(args["damaged"], args["damaged_run"], steps=64, step_hook=cut,
+                **{**args["small"], "checkpoint_every": 1000, "val_every": 0})
+    out["damage"] = None
+except data.DamagedShardError as e:
+    out["damage"] = {"path": e.path, "offset": e.offset, "message": str(e), "shard": shard,
+                     "checkpoints": [s for s, _ in run_dir.checkpoints(args["damaged_run"])]}
 out["modules"] = sorted(m for m in ("tensorflow", "apache_beam") if m in sys.modules)
 print("RESULT " + json.dumps(out))
 """
@@ -88,7 +103,7 @@ def both_backends(tiny, tmp_path_factory, coco_mini):
     image = sorted(os.listdir(os.path.join(coco_mini, "val2017")))[0]
     args = {"data": tiny, "run": str(root / "jax_run"), "tf_run": tf_run, "report": str(root / "report"),
             "patches": str(root / "patches.npz"), "image": os.path.join(coco_mini, "val2017", image),
-            "small": SMALL}
+            "small": SMALL, "damaged": str(root / "damaged"), "damaged_run": str(root / "damaged_run")}
     env = {**os.environ, "KERAS_BACKEND": "jax", "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "2",
            "PYTHONPATH": os.pathsep.join([str(root / "blocker"), REPO])}
     proc = subprocess.run([sys.executable, "-c", textwrap.dedent(JAX_SIDE), json.dumps(args)], cwd=REPO,
@@ -130,3 +145,13 @@ def test_keras_file_predicts_the_same_offsets_under_both_backends(both_backends)
         assert here.shape == there.shape == (16, 8) and np.isfinite(here).all()
         np.testing.assert_allclose(here, there, atol=1e-3 * config["rho"], err_msg=run)
         assert np.abs(here).max() > 1e-3  # not a degenerate all-zero output
+
+
+def test_jax_damaged_shard_is_named_after_a_checkpoint(both_backends):
+    result, _, _ = both_backends
+    damage = result["damage"]
+    assert damage is not None, "training on a shard cut at step 4 did not fail"
+    assert damage["path"] == damage["shard"] and damage["offset"] < 5000
+    assert f"shard {damage['shard']} is damaged at byte {damage['offset']}" in damage["message"]
+    stopped = int(damage["message"].split("training stopped at step ")[1].split(";")[0])
+    assert stopped >= 4 and damage["checkpoints"] == [stopped]
