@@ -82,7 +82,7 @@ def data_text(config: dict) -> str:
         return f"{config.get('train_examples')} training pairs from `{config.get('data_dir')}` (split `{split}`)"
 
 
-def card(config: dict, history: list, report: dict, device: str, parameters: int) -> str:
+def card(config: dict, history: list, report: dict, device: str, parameters: int, note: str = "") -> str:
     """CARD.md: how the weights were trained and what they measure, every figure from the files beside it."""
     last = history[-1] if history else {}
     vals = [r for r in history if r.get("val_mace") is not None]
@@ -104,6 +104,7 @@ def card(config: dict, history: list, report: dict, device: str, parameters: int
         f"- Wall time: {hours:.2f} h on {device}.",
         "- Curves: `history.csv`, `mace.png` (training and validation MACE against steps)."
         + (f" Last validation check: {vals[-1]['val_mace']:.2f} px at step {vals[-1]['step']}." if vals else ""),
+        *([f"- Note: {note}"] if note else []),
         "", "## What it measures", "",
         f"{report['num_pairs']} validation pairs it never saw: split `{d['split']}` of a build with rho {c['rho']}, "
         f"{c['patches_per_image']} pairs per image, seed {c['seed']} (`evaluation.json`; command: "
@@ -119,7 +120,7 @@ def card(config: dict, history: list, report: dict, device: str, parameters: int
 
 
 def ship(model_dir: str, report_dir: str, ship_dir: str = network.SHIPPED_MODEL_DIR, *, device: str = "CPU",
-         force: bool = False) -> tuple[bool, str]:
+         force: bool = False, note: str = "") -> tuple[bool, str]:
     """Ships model_dir's network into ship_dir if it is better (see decide); returns (shipped?, why)."""
     import keras
 
@@ -153,7 +154,7 @@ def ship(model_dir: str, report_dir: str, ship_dir: str = network.SHIPPED_MODEL_
         with open(os.path.join(tmp, EVALUATION_FILE), "w") as f:
             json.dump(report, f, indent=2)
         with open(os.path.join(tmp, CARD_FILE), "w") as f:
-            f.write(card(config, history, report, device, model.count_params()))
+            f.write(card(config, history, report, device, model.count_params(), note))
         if os.path.exists(ship_dir):
             shutil.rmtree(ship_dir)
         os.replace(tmp, ship_dir)
@@ -170,6 +171,7 @@ def _define_flags():
     flags.DEFINE_string("ship_dir", network.SHIPPED_MODEL_DIR, "Where the shipped weights live")
     flags.DEFINE_string("device", "CPU", "What trained it, for the card (e.g. '2 CPU cores', 'one H100')")
     flags.DEFINE_bool("force", False, "Replace the shipped weights even if not better on the same pairs")
+    flags.DEFINE_string("note", "", "A line for the card (e.g. how the schedule changed on a resume)")
 
 
 def main(argv):
@@ -181,7 +183,7 @@ def main(argv):
     if not f.model_dir or not f.report_dir:
         return cli.fail("model.ship", "--model_dir and --report_dir are required")
     try:
-        shipped, why = ship(f.model_dir, f.report_dir, f.ship_dir, device=f.device, force=f.force)
+        shipped, why = ship(f.model_dir, f.report_dir, f.ship_dir, device=f.device, force=f.force, note=f.note)
     except ShipError as e:
         return cli.fail("model.ship", str(e))
     print(f"{'shipped to ' + f.ship_dir if shipped else 'kept the shipped weights'}: {why}")

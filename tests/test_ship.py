@@ -49,7 +49,7 @@ def run_dir(tmp_path):
 def test_ship_copies_weights_card_and_refuses_a_worse_run(run_dir, tmp_path):
     d, rep, model = run_dir
     target = tmp_path / "weights" / "compact"
-    shipped, why = ship.ship(str(d), str(rep), str(target), device="2 CPU cores")
+    shipped, why = ship.ship(str(d), str(rep), str(target), device="2 CPU cores", note="resumed once")
     assert shipped and why == "nothing shipped yet"
     assert {p.name for p in target.iterdir()} == {"model.keras", "config.json", "evaluation.json", "CARD.md"}
     import keras
@@ -60,6 +60,7 @@ def test_ship_copies_weights_card_and_refuses_a_worse_run(run_dir, tmp_path):
     card = (target / "CARD.md").read_text()
     assert "| **network (these weights)** | 7.25 |" in card and "| sift | 1.8 |" in card
     assert "2 CPU cores" in card and "10 steps of batch 8" in card and "0.01 h" in card
+    assert "- Note: resumed once" in card
     # The same run again is not better: the shipped files stay as they are.
     before = (target / "model.keras").read_bytes()
     (rep / "mace_report.json").write_text(json.dumps(report(8.0)))
