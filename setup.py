@@ -25,6 +25,8 @@ setuptools.setup(
     python_requires=">=3.10,<3.13",
     packages=setuptools.find_packages(include=["pipeline", "pipeline.*", "model", "model.*", "data", "data.*", "bench", "bench.*"]),
     install_requires=REQUIRED,
+    # The trained weights that ship with the project (model.network.SHIPPED_MODEL_DIR), in non-editable installs too.
+    package_data={"data": ["weights/*/*"]},
     # torch: for the tests of the PyTorch reader (pipeline.records_torch); its CPU build is all they need.
     # jax[cpu]: Keras 3 on JAX (tests/test_model_jax.py); 0.10 leaves numpy, ml_dtypes and protobuf as TF pins them.
     extras_require={"test": ["pytest", "pytest-xdist", "torch==2.13.0", "jax[cpu]==0.10.*"]},
