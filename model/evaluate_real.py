@@ -7,7 +7,8 @@
 DIR is one sequence or a folder of sequences (layouts: model/real_pairs.py). For each pair (1, k) every
 method estimates H_1_k at the images' own resolution: the classical methods on the full images (ECC on a
 copy at most 320 px long), the network through model.predict (both photos squeezed to its P x P input,
-H = S_a^-1 . H_local . S_b with A = image k, B = image 1). The score is the mean corner error of image 1
+H = S_a^-1 . H_local . S_b with A = image k, B = image 1); sift_or_network takes SIFT's H where SIFT finds a
+plausible one and the network's elsewhere. The score is the mean corner error of image 1
 mapped into image k (model.real_pairs.corner_error). A method that fails falls back to the identity; the
 pair keeps that error and the failure is counted.
 
@@ -31,7 +32,8 @@ from model import real_pairs
 from model.real_pairs import RealPairsError
 from pipeline import cli
 
-KNOWN_METHODS = methods_lib.ALL_METHODS  # identity, orb, orb_default, sift, ecc, network
+KNOWN_METHODS = methods_lib.CLASSICAL + ("network", "sift_or_network")
+NEEDS_NETWORK = ("network", "sift_or_network")
 DIRECTION_MODES = ("refuse", "warn", "off")
 
 
@@ -44,16 +46,17 @@ def resolve_methods(names: list | None, model_dir: str | None) -> tuple:
             raise RealPairsError(f"unknown method(s) {', '.join(unknown)}; known: {', '.join(KNOWN_METHODS)}")
         if not names or len(set(names)) != len(names):
             raise RealPairsError(f"--methods must name each method once, got {','.join(names) or 'nothing'}")
-    if model_dir is None and (names is None or "network" in names):
+    if model_dir is None and (names is None or set(names) & set(NEEDS_NETWORK)):
         from model import network  # Keras only when the network may run
 
         model_dir = network.shipped_model_dir()
         if model_dir is None and names is not None:
-            raise RealPairsError("method 'network' needs --model_dir: the project's shipped weights "
+            raise RealPairsError(f"method(s) {', '.join(n for n in names if n in NEEDS_NETWORK)} need "
+                                 "--model_dir: the project's shipped weights "
                                  "(data/weights/) are not in this checkout")
     if names is None:
         names = list(methods_lib.DEFAULT_CLASSICAL) + (["network"] if model_dir else [])
-    return names, (model_dir if "network" in names else None)
+    return names, (model_dir if set(names) & set(NEEDS_NETWORK) else None)
 
 
 def check_directions(sequences: list, mode: str) -> dict:
@@ -84,15 +87,11 @@ def _run_pair(seq, k: int, names: list, network: tuple | None) -> dict:
     for name in names:
         start = time.perf_counter()
         if name == "network":
-            from model import predict
-
-            model, run = network
-            with open(seq.images[k], "rb") as fa, open(seq.images[1], "rb") as fb:
-                # A = image k, B = image 1: predict's H (B -> A) is H_1_k.
-                pred = predict.predict_homography(fa.read(), fb.read(), "network",
-                                                  patch_size=int(run["patch_size"]), channels=int(run["channels"]),
-                                                  model=model, rho=float(run["rho"]))
-            h, ok, reason = pred.homography, pred.ok, pred.reason
+            h, ok, reason = _network_homography(seq, k, network)
+        elif name == "sift_or_network":  # SIFT at full resolution; the network only where SIFT fails
+            h, ok, reason = real_pairs.estimate_image("sift", gray_k, gray_1)
+            if not ok:
+                h, ok, reason = _network_homography(seq, k, network)
         else:
             h, ok, reason = real_pairs.estimate_image(name, gray_k, gray_1)
         seconds = time.perf_counter() - start
@@ -103,6 +102,17 @@ def _run_pair(seq, k: int, names: list, network: tuple | None) -> dict:
         results[name] = {"error": round(error, 3), "ok": bool(ok), "reason": reason, "seconds": round(seconds, 4),
                          "homography": np.round(h, 8).tolist()}
     return results
+
+
+def _network_homography(seq, k: int, network: tuple) -> tuple:
+    from model import predict
+
+    model, run = network
+    with open(seq.images[k], "rb") as fa, open(seq.images[1], "rb") as fb:
+        # A = image k, B = image 1: predict's H (B -> A) is H_1_k.
+        pred = predict.predict_homography(fa.read(), fb.read(), "network", patch_size=int(run["patch_size"]),
+                                          channels=int(run["channels"]), model=model, rho=float(run["rho"]))
+    return pred.homography, pred.ok, pred.reason
 
 
 def evaluate_real(pairs_dir: str, output_dir: str, *, methods: list | None = None, model_dir: str | None = None,
@@ -116,7 +126,7 @@ def evaluate_real(pairs_dir: str, output_dir: str, *, methods: list | None = Non
     sequences = real_pairs.discover(pairs_dir)  # every folder read and checked before any work
     directions = check_directions(sequences, direction_check)
     network = None
-    if "network" in names:
+    if model_dir:
         from model import evaluate
 
         try:

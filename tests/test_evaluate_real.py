@@ -215,8 +215,10 @@ def test_network_needs_weights(monkeypatch, tmp_path):
 
     monkeypatch.setattr(network, "shipped_model_dir", lambda: None)
     assert evaluate_real.resolve_methods(None, None) == (["identity", "orb", "sift", "ecc"], None)
-    with pytest.raises(RealPairsError, match="'network' needs --model_dir"):
+    with pytest.raises(RealPairsError, match="network need --model_dir"):
         evaluate_real.resolve_methods(["sift", "network"], None)
+    with pytest.raises(RealPairsError, match="sift_or_network need --model_dir"):
+        evaluate_real.resolve_methods(["sift_or_network"], None)
     monkeypatch.setattr(network, "shipped_model_dir", lambda: "/shipped")
     assert evaluate_real.resolve_methods(None, None) == (["identity", "orb", "sift", "ecc", "network"], "/shipped")
     assert evaluate_real.resolve_methods(["sift"], None) == (["sift"], None)
@@ -242,8 +244,8 @@ def test_network_goes_through_model_predict(sequences, tiny_run, tmp_path):
     from model import evaluate, predict
 
     one = os.path.join(sequences, "v_coco")
-    report = evaluate_real.evaluate_real(one, str(tmp_path), methods=["identity", "network"], model_dir=tiny_run,
-                                         figures=False)
+    report = evaluate_real.evaluate_real(one, str(tmp_path), methods=["identity", "sift", "network", "sift_or_network"],
+                                         model_dir=tiny_run, figures=False)
     assert report["model"]["patch_size"] == 128 and report["overall"]["network"]["num_pairs"] == 2
     model, _ = evaluate.load_run(tiny_run)
     for p in report["pairs"]:
@@ -253,6 +255,8 @@ def test_network_goes_through_model_predict(sequences, tiny_run, tmp_path):
         np.testing.assert_allclose(p["methods"]["network"]["homography"], expected, rtol=1e-4, atol=1e-4)
         assert p["methods"]["network"]["error"] == pytest.approx(
             real_pairs.corner_error(expected, np.array(p["true_homography"]), (W, H)), abs=1e-2)
+        # SIFT works on these pairs, so the combination is SIFT's estimate, not the untrained network's.
+        assert p["methods"]["sift_or_network"]["homography"] == p["methods"]["sift"]["homography"]
     assert os.path.exists(tmp_path / real_report.MARKDOWN_FILE)
     proc = run_cli(f"--pairs_dir={one}", f"--output_dir={tmp_path}/r", "--methods=network",
                    f"--model_dir={tmp_path}/missing")
