@@ -207,9 +207,9 @@ def main(argv):
 
 def summary_text(report: dict, output_dir: str) -> str:
     lines = [f"{report['num_pairs']} pairs in {report['num_sequences']} sequence(s) of {report['pairs_dir']}",
-             "method        mean   median  <3px   AUC@10  failures  s/pair"]
+             "method             mean   median  <3px   AUC@10  failures  s/pair"]
     for name, s in report["overall"].items():
-        lines.append(f"{name:<12} {s['mean_error']:>6.2f} {s['median_error']:>7.2f}  {s['accuracy']['3']:.2f}"
+        lines.append(f"{name:<16} {s['mean_error']:>6.2f} {s['median_error']:>7.2f}  {s['accuracy']['3']:.2f}"
                      f"   {s['auc']['10']:.3f}   {s['failures']:>5}   {s['seconds_per_pair']:.3f}")
     for w in report["direction_warnings"]:
         lines.append(f"direction warning: {w}")
