@@ -30,9 +30,11 @@ import cv2
 
 from pipeline import cli, coco
 
-# What the box lacks for Keras 3 on JAX (it has numpy, absl-py, h5py, rich, ml_dtypes through its JAX,
-# PyTorch and TensorBoard stack); pinned to this machine's versions so both ends run the same Keras.
-WHEELS = ("keras", "namex", "optree")
+# What the box lacks: Keras 3 for JAX (it has numpy, absl-py, h5py, rich, ml_dtypes through its JAX,
+# PyTorch and TensorBoard stack; typing_extensions, which optree needs, comes with PyTorch there and is carried
+# anyway), google-crc32c for the shard framing and pycocotools for the image lists;
+# pinned to this machine's versions so both ends run the same code.
+WHEELS = ("keras", "namex", "optree", "typing_extensions", "google-crc32c", "pycocotools")
 BOX_PYTHON = "3.12"
 BOX_PLATFORMS = ("manylinux_2_17_x86_64", "manylinux2014_x86_64", "manylinux_2_28_x86_64")
 MANIFEST = "manifest.json"

@@ -5,8 +5,8 @@ On the box, from the project root (the working tree and gpu_bundle/ travel toget
   python3 -m model.gpu_run --bundle_dir=gpu_bundle --output_dir=OUT [--minutes=3 --architectures=compact,homographynet]
 
 The box has Python 3.12, JAX, numpy, OpenCV, protobuf and absl-py, but no TensorFlow, no Beam and no network:
-  1. Keras comes from the bundle's wheels (installed into OUT/../gpu_work/site when `import keras` fails);
-     the backend is JAX unless KERAS_BACKEND says otherwise.
+  1. keras, google-crc32c and pycocotools come from the bundle's wheels where the box lacks them (installed
+     into OUT/../gpu_work/site); the backend is JAX unless KERAS_BACKEND says otherwise.
   2. The pairs are written by pipeline.local_build from the bundle's resized images: the same records, byte
      for byte, as pipeline.build on the original COCO images with the same flags. Two datasets: `train`
      (--patches_per_image pairs per training image, plus a validation split for the curves) and `eval`
@@ -42,23 +42,29 @@ class RecipeError(ValueError):
     """The recipe cannot run; the message names the problem."""
 
 
-def ensure_keras(bundle_dir: str, site_dir: str) -> str:
-    """Makes `import keras` work: as installed, else from the bundle's wheels. Returns where keras came from."""
+NEEDED = ("keras", "google_crc32c", "pycocotools")  # modules the box may lack; the bundle carries their wheels
+
+
+def ensure_packages(bundle_dir: str, site_dir: str) -> list:
+    """Makes NEEDED importable: as installed, else from the bundle's wheels (installed into site_dir, which
+    goes last on sys.path so the box's own packages win). Returns the modules that came from the bundle."""
     os.environ.setdefault("KERAS_BACKEND", "jax")
-    if importlib.util.find_spec("keras") is None:
+    missing = [m for m in NEEDED if importlib.util.find_spec(m) is None]
+    if missing:
         wheels = sorted(glob.glob(os.path.join(bundle_dir, "wheels", "*.whl")))
         if not wheels:
-            raise RecipeError(f"keras is not installed and {bundle_dir}/wheels holds no wheels "
+            raise RecipeError(f"{', '.join(missing)} not installed and {bundle_dir}/wheels holds no wheels "
                               f"(prepare the bundle with python -m model.gpu_bundle)")
         done = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-index", "--no-deps",
                                "--target", site_dir, *wheels], capture_output=True, text=True)
         if done.returncode:
             raise RecipeError(f"installing the bundle's wheels failed: {done.stderr.strip()[-300:]}")
-        sys.path.insert(0, site_dir)
+        sys.path.append(site_dir)
         importlib.invalidate_caches()
-    import keras
-
-    return os.path.dirname(keras.__file__)
+        still = [m for m in missing if importlib.util.find_spec(m) is None]
+        if still:
+            raise RecipeError(f"the bundle's wheels do not provide {', '.join(still)}")
+    return missing
 
 
 def device_text() -> str:
@@ -128,9 +134,9 @@ def recipe(bundle_dir: str, output_dir: str, *, minutes: float = 3.0, architectu
     manifest = gpu_bundle.read_manifest(bundle_dir)
     work_dir = work_dir or os.path.join(os.path.dirname(os.path.abspath(output_dir)), "gpu_work")
     os.makedirs(output_dir, exist_ok=True)
-    keras_from = ensure_keras(bundle_dir, os.path.join(work_dir, "site"))
+    from_bundle = ensure_packages(bundle_dir, os.path.join(work_dir, "site"))
     gpu = on_gpu()
-    summary = {"device": device_text(), "keras_backend": os.environ["KERAS_BACKEND"], "keras_from": keras_from,
+    summary = {"device": device_text(), "keras_backend": os.environ["KERAS_BACKEND"], "from_bundle": from_bundle,
                "bundle": manifest["splits"], "patches_per_image": patches_per_image, "minutes_per_network": minutes,
                "networks": {}, "methods": {}}
     log(f"device: {summary['device']}; building pairs from {bundle_dir}")
