@@ -73,3 +73,17 @@ def built_dataset(tmp_path_factory, coco_mini):
           PairConfig(patches_per_image=4), max_images=16, num_shards=2,
           beam_args=["--runner=DirectRunner"])
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory, coco_mini):
+    """coco_mini at a quarter of the scale (32 px patches of 80x60 images, rho 8), 8 images per split x 4 pairs:
+    32 train + 32 validation pairs for fast training tests. Tests that damage it work on a copy."""
+    from pipeline.build import build
+    from pipeline.geometry import PairConfig
+
+    out = str(tmp_path_factory.mktemp("tiny") / "ds")
+    build(coco_mini, out, {"train": "train2017", "validation": "val2017"},
+          PairConfig(patch_size=32, rho=8, image_width=80, image_height=60, patches_per_image=4),
+          max_images=8, num_shards=2, beam_args=["--runner=DirectRunner"])
+    return out

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from model import network, train
-from pipeline import geometry, records
+from pipeline import records
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = dict(batch_size=8, shuffle_buffer=16, steps_per_loop=4, log_every=4, val_every=8, checkpoint_every=8,
@@ -81,14 +81,8 @@ print("RESULT " + json.dumps(out))
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory, coco_mini):
-    from pipeline.build import build
-
-    out = str(tmp_path_factory.mktemp("tiny") / "ds")
-    build(coco_mini, out, {"train": "train2017", "validation": "val2017"},
-          geometry.PairConfig(patch_size=32, rho=8, image_width=80, image_height=60, patches_per_image=4),
-          max_images=8, num_shards=2, beam_args=["--runner=DirectRunner"])
-    return out
+def tiny(tiny_dataset):
+    return tiny_dataset
 
 
 @pytest.fixture(scope="module")

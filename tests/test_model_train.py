@@ -17,15 +17,6 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(batch_size=32, shuffle_buffer=64, steps_per_loop=5, log_every=20, val_every=60, checkpoint_every=60)
 
 
-@pytest.fixture(scope="module")
-def tiny_dataset(tmp_path_factory, coco_mini):
-    from pipeline.build import build
-
-    out = str(tmp_path_factory.mktemp("tiny") / "ds")
-    build(coco_mini, out, {"train": "train2017", "validation": "val2017"},
-          geometry.PairConfig(patch_size=32, rho=8, image_width=80, image_height=60, patches_per_image=4),
-          max_images=8, num_shards=2, beam_args=["--runner=DirectRunner"])
-    return out
 
 
 @pytest.fixture(scope="module")

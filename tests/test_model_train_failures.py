@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from model import data, network, run_dir, train
-from pipeline import geometry, records
+from pipeline import records
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # 32 px patches: 4 steps of 8 pairs make an epoch of the 32 training pairs.
@@ -22,14 +22,8 @@ FAST = dict(batch_size=8, shuffle_buffer=16, steps_per_loop=1, log_every=1, val_
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory, coco_mini):
-    from pipeline.build import build
-
-    out = str(tmp_path_factory.mktemp("tiny") / "ds")
-    build(coco_mini, out, {"train": "train2017", "validation": "val2017"},
-          geometry.PairConfig(patch_size=32, rho=8, image_width=80, image_height=60, patches_per_image=4),
-          max_images=8, num_shards=2, beam_args=["--runner=DirectRunner"])
-    return out
+def tiny(tiny_dataset):
+    return tiny_dataset
 
 
 def shard_of(data_dir, split="train", index=0):
