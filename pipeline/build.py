@@ -16,7 +16,7 @@ from absl import flags, logging
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions, TestOptions
 
-from pipeline import cli, coco, dataset_info, runners, schema, shards, transforms
+from pipeline import cli, dataset_info, runners, schema, shards, transforms
 from pipeline.geometry import PairConfig
 
 
@@ -62,19 +62,11 @@ def build(coco_dir: str, output_dir: str, splits: dict, config: PairConfig, *, n
           beam_args: list | None = None) -> dict:
     """Builds every split in one pipeline; returns the summary (dataset_info.json's content, or the dry run's)."""
     try:
-        config.validate()
+        listings = shards.list_splits(coco_dir, splits, config, num_shards, max_images)
     except ValueError as e:
         raise BuildError(str(e)) from e
-    if num_shards < 0 or max_images < 0:
-        raise BuildError("--num_shards and --max_images must be >= 0")
-    listings = {}
-    for split, source_split in splits.items():
-        try:
-            records, source = coco.list_split(coco_dir, source_split)
-        except coco.ListingError as e:
-            raise BuildError(str(e)) from e
-        listings[split] = (records[:max_images] if max_images else records, source, source_split)
-        logging.info("split %s: %d images from %s", split, len(listings[split][0]), source)
+    for split, (records, source, _) in listings.items():
+        logging.info("split %s: %d images from %s", split, len(records), source)
 
     options = PipelineOptions(beam_args or [])
     runners.set_default_runner(options)  # DirectRunner unless named: Prism would try to download itself

@@ -17,7 +17,7 @@ import os
 import sys
 import time
 
-from pipeline import coco, dataset_info, schema, shards
+from pipeline import dataset_info, schema, shards
 from pipeline.geometry import PairConfig
 
 # Files of ours that --overwrite may remove (the index first: from then on nothing claims a complete dataset).
@@ -60,19 +60,12 @@ def build(coco_dir: str, output_dir: str, splits: dict, config: PairConfig, *, n
           max_images: int = 0, overwrite: bool = False, name: str = "homography", reduced_decode: bool = True,
           workers: int = 0, log=print) -> dict:
     """Builds every split; returns dataset_info.json's content. workers: processes (0 = one per core)."""
+    if workers < 0:
+        raise LocalBuildError("--workers must be >= 0")
     try:
-        config.validate()
+        listings = shards.list_splits(coco_dir, splits, config, num_shards, max_images)
     except ValueError as e:
         raise LocalBuildError(str(e)) from e
-    if num_shards < 0 or max_images < 0 or workers < 0:
-        raise LocalBuildError("num_shards, max_images and workers must be >= 0")
-    listings = {}
-    for split, source_split in splits.items():
-        try:
-            listing, source = coco.list_split(coco_dir, source_split)
-        except coco.ListingError as e:
-            raise LocalBuildError(str(e)) from e
-        listings[split] = (listing[:max_images] if max_images else listing, source, source_split)
     _prepare_output_dir(output_dir, overwrite)
     workers = workers or os.cpu_count() or 1
     started, t0 = time.strftime("%Y-%m-%dT%H:%M:%S%z"), time.time()

@@ -34,6 +34,20 @@ def parse_splits(text: str) -> dict:
     return splits
 
 
+def list_splits(coco_dir: str, splits: dict, config: geometry.PairConfig, num_shards: int = 0,
+                max_images: int = 0) -> dict:
+    """What every build checks and lists before it writes anything: {split: (images, source, COCO split)}.
+    ValueError (coco.ListingError among them) names the problem."""
+    config.validate()
+    if num_shards < 0 or max_images < 0:
+        raise ValueError("--num_shards and --max_images must be >= 0")
+    listings = {}
+    for split, source_split in splits.items():
+        images, source = coco.list_split(coco_dir, source_split)
+        listings[split] = (images[:max_images] if max_images else images, source, source_split)
+    return listings
+
+
 def shard_name(name: str, split: str, index: int, num_shards: int) -> str:
     return f"{schema.shard_prefix(name, split)}-{index:05d}-of-{num_shards:05d}"
 
