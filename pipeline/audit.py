@@ -113,7 +113,7 @@ def audit(data_dir: str, output_dir: str, *, residual_threshold: float = 1.0, ma
                          f"in [0, 1) (got {max_residual_share})")
     info = dataset_info.read(data_dir)
     options = PipelineOptions(beam_args or [])
-    runners.set_default_runner(options)  # DirectRunner unless named: Prism would try to download itself
+    runners.set_default_runner(options)  # DirectRunner unless named (run on Beam's FnApiRunner, never Prism)
     if "://" not in output_dir and not FileSystems.exists(output_dir) and not options.view_as(TestOptions).dry_run:
         FileSystems.mkdirs(output_dir)
     started = time.time()
@@ -122,7 +122,7 @@ def audit(data_dir: str, output_dir: str, *, residual_threshold: float = 1.0, ma
                              # equal shards, split evenly: 4 tasks a thread balance them; each
                              # CombinePerKey's task shuffle grows with the partitions (DaskRunner)
                              partitions=lambda threads: min(len(shard_specs(info)), 4 * threads)):
-            pipeline = beam.Pipeline(options=options)
+            pipeline = beam.Pipeline(runner=runners.pipeline_runner(options), options=options)
             build_pipeline(pipeline, info, output_dir, residual_threshold)
             result = pipeline.run()
             if options.view_as(TestOptions).dry_run:  # job graph built (and, on Dataflow, checked), nothing ran

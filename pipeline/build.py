@@ -69,7 +69,7 @@ def build(coco_dir: str, output_dir: str, splits: dict, config: PairConfig, *, n
         logging.info("split %s: %d images from %s", split, len(records), source)
 
     options = PipelineOptions(beam_args or [])
-    runners.set_default_runner(options)  # DirectRunner unless named: Prism would try to download itself
+    runners.set_default_runner(options)  # DirectRunner unless named (run on Beam's FnApiRunner, never Prism)
     dry_run = options.view_as(TestOptions).dry_run
     shard_counts = {split: num_shards or auto_num_shards(len(records), config)
                     for split, (records, _, _) in listings.items()}
@@ -98,7 +98,7 @@ def _run(listings, shard_counts, output_dir, config, name, reduced_decode, overw
     started = time.time()
     header = shards.header(config, name, str(options.view_as(StandardOptions).runner), sys.argv, reduced_decode,
                            time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-    pipeline = beam.Pipeline(options=options)
+    pipeline = beam.Pipeline(runner=runners.pipeline_runner(options), options=options)
     summaries = []
     for split, (records, source, source_split) in listings.items():
         n = shard_counts[split]

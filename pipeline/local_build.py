@@ -45,7 +45,7 @@ def _write_one(task) -> tuple[dict, list]:
     """One shard, in a worker process: (shard result, failures)."""
     output_dir, name, split, index, num_shards, images, config, reduced_decode = task
     file_name = shards.shard_name(name, split, index, num_shards)
-    with open(os.path.join(output_dir, file_name), "wb") as writer:
+    with shards.create_shard(os.path.join(output_dir, file_name)) as writer:
         count, used, failed = shards.write_shard(writer, images, config, split, reduced_decode)
     return {"index": index, "file": file_name, "num_examples": count, "images_used": used}, failed
 

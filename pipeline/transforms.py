@@ -88,8 +88,8 @@ class _WriteShardFn(beam.DoFn):
                 self._seconds.update(int(1000 * (time.time() - t_image)))
             t_image = time.time()
 
-        # Shards go through FileSystems like all other I/O (gs:// on Dataflow).
-        with FileSystems.create(dataset_info.join(self._output_dir, file_name)) as writer:
+        # Local files buffered by 1 MiB, gs:// (Dataflow) through FileSystems like all other I/O.
+        with shards.create_shard(dataset_info.join(self._output_dir, file_name)) as writer:
             count, used, failed = shards.write_shard(writer, records, self._config, self._split,
                                                      self._reduced_decode, on_image)
         for f in failed:

@@ -66,6 +66,33 @@ def test_coco_mini_default_build(coco_mini, tmp_path):
     assert sum(s["num_examples"] for s in info["splits"]["train"]["shards"]) == 1780
 
 
+def test_coco_mini_default_build_shards_split_evenly_over_workers(coco_mini, tmp_path, caplog):
+    """Automatic shard counts are multiples of 8 (178 images: 8 shards of 22-23 images, never 1 idle
+    worker for a lone last shard), and a named DirectRunner runs on Beam's FnApiRunner without trying Prism."""
+    from pipeline.shards import auto_num_shards
+
+    assert [auto_num_shards(n, PairConfig()) for n in (5, 178, 1780, 5340, 40670)] == [5, 8, 16, 32, 200]
+    assert all(auto_num_shards(n, PairConfig()) % 8 == 0 for n in range(8, 200000, 997))
+    caplog.set_level("INFO")
+    info = build(coco_mini, str(tmp_path / "ds"), parse_splits("train=train2017"), PairConfig(patches_per_image=1),
+                 beam_args=DIRECT + ["--direct_num_workers=2", "--direct_running_mode=multi_processing"])
+    counts = sorted(s["num_examples"] for s in info["splits"]["train"]["shards"])
+    assert len(counts) == 8 and counts[0] >= 22 and counts[-1] <= 23 and sum(counts) == 178
+    assert info["build"]["runner"] == "DirectRunner" and info["build"]["metrics"]["train_pairs_written"] == 178
+    assert "Prism" not in caplog.text
+
+
+def test_runner_objects():
+    from apache_beam.options.pipeline_options import PipelineOptions
+    from apache_beam.runners.portability.fn_api_runner import FnApiRunner
+
+    from pipeline import runners
+
+    assert isinstance(runners.pipeline_runner(PipelineOptions(DIRECT)), FnApiRunner)
+    for name in ("DataflowRunner", "PrismRunner", runners.DASK_RUNNER):
+        assert runners.pipeline_runner(PipelineOptions([f"--runner={name}"])) is None
+
+
 def _cmyk_jpeg(image):
     from PIL import Image
     buf = io.BytesIO()
