@@ -16,6 +16,8 @@
 4. --runners=DirectRunner,DaskRunner builds every size with each runner in the same run (DaskRunner: a
    LocalCluster of --workers single-threaded worker processes, started and closed by pipeline.build),
    and prints DaskRunner's end-to-end time over DirectRunner's per size (`dask_over_direct_<pairs>`).
+   `local` builds with pipeline.local_build instead (no Beam; a process pool writing the same shards):
+   `direct_over_local_rate_<pairs>` = DirectRunner's pairs/s over its, what Beam itself costs.
 """
 from __future__ import annotations
 
@@ -40,7 +42,8 @@ flags.DEFINE_string("before", None, "A git revision to compare with (e.g. the co
                     "builds run beside the current code's, same sizes, same run")
 flags.DEFINE_string("workdir", None, "Scratch folder (default: a temporary folder, removed at the end)")
 flags.DEFINE_list("runners", ["DirectRunner"], "Runners to build with, each at every size: DirectRunner, "
-                  "DaskRunner (a LocalCluster of --workers processes)")
+                  "DaskRunner (a LocalCluster of --workers processes), local (pipeline.local_build, no Beam: "
+                  "--workers processes writing the same bytes, the reference for Beam's own cost)")
 FLAGS = flags.FLAGS
 
 
@@ -94,6 +97,8 @@ def concurrent_ceiling(images: list, processes: int) -> float:
 
 def runner_args(runner: str, workers: int) -> list:
     """pipeline.build's runner flags for `workers` processes on this machine."""
+    if runner == "local":  # pipeline.local_build: no Beam, a process pool writing the same bytes
+        return [f"--workers={workers}"]
     if runner == "DaskRunner":  # a LocalCluster of single-threaded processes, as DirectRunner's workers
         return ["--runner=DaskRunner", f"--dask_local_workers={workers}"]
     return ["--runner=DirectRunner", f"--direct_num_workers={workers}", "--direct_running_mode=multi_processing"]
@@ -105,11 +110,15 @@ def runner_variants(codes: dict) -> list:
             for name, code in codes.items() for runner in FLAGS.runners]
 
 
+def build_module(runner: str) -> str:
+    return "pipeline.local_build" if runner == "local" else "pipeline.build"
+
+
 def run_build(coco_dir: pathlib.Path, out: pathlib.Path, workers: int, code_dir: pathlib.Path = REPO,
               runner: str = "DirectRunner") -> dict:
     """One pipeline.build in a subprocess (run from code_dir's tree); end to end = process start to the
     mtime of dataset_info.json, which the build writes last."""
-    cmd = [sys.executable, "-m", "pipeline.build", f"--coco_dir={coco_dir}", f"--output_dir={out}",
+    cmd = [sys.executable, "-m", build_module(runner), f"--coco_dir={coco_dir}", f"--output_dir={out}",
            "--splits=train=train2017", "--overwrite"] + runner_args(runner, workers)
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=str(code_dir))
     os.sync()  # every run starts with no dirty pages of earlier ones to write back (large builds are disk-bound)
@@ -119,7 +128,7 @@ def run_build(coco_dir: pathlib.Path, out: pathlib.Path, workers: int, code_dir:
         output, _ = proc.communicate()
     wall = time.time() - t0
     if proc.returncode:
-        sys.exit(f"bench.build: pipeline.build failed:\n{output[-3000:]}")
+        sys.exit(f"bench.build: {build_module(runner)} failed:\n{output[-3000:]}")
     with open(out / "dataset_info.json") as f:
         info = json.load(f)
     end_to_end = (out / "dataset_info.json").stat().st_mtime - t0
@@ -188,7 +197,7 @@ def main(argv):
             for name, code, runner in runner_variants(codes):
                 r = run_build(coco_dir, work / "out", FLAGS.workers, code, runner)
                 runs[name].append(r)
-                print(f"  {name:<6} pipeline.build {r['pairs']:7d} pairs: end to end {r['end_to_end']:7.1f} s "
+                print(f"  {name:<6} {build_module(runner):<20} {r['pairs']:7d} pairs: end to end {r['end_to_end']:7.1f} s "
                       f"({r['pairs'] / r['end_to_end']:5.0f} pairs/s, {r['pairs'] / r['end_to_end'] / ceil:.2f} of "
                       f"the ceiling; beyond the ceiling's time: {r['end_to_end'] - r['pairs'] / ceil:5.1f} s), "
                       f"process exit {r['wall']:.1f} s, peak RSS {r['peak_rss'] / 2**20:5.0f} MiB, "
@@ -206,6 +215,10 @@ def main(argv):
             for pairs in sizes:  # the issue's goal: DaskRunner within 1.5x of DirectRunner on the same cores
                 figures[f"dask_over_direct_{pairs}"] = (figures[f"after_dask_{pairs}_end_to_end_s"]
                                                        / figures[f"after_{pairs}_end_to_end_s"])
+        if "local" in FLAGS.runners and "DirectRunner" in FLAGS.runners:
+            for pairs in sizes:  # Beam's share: the Beam build's rate over the no-Beam builder's, same bytes
+                figures[f"direct_over_local_rate_{pairs}"] = (figures[f"after_local_{pairs}_end_to_end_s"]
+                                                             / figures[f"after_{pairs}_end_to_end_s"])
         headline(figures)
     finally:
         if not FLAGS.workdir:
