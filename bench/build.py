@@ -107,7 +107,8 @@ def runner_args(runner: str, workers: int) -> list:
 def runner_variants(codes: dict) -> list:
     """(name, code tree, runner) per build variant: DirectRunner keeps the code's name, others get a suffix."""
     return [(name if runner == "DirectRunner" else f"{name}_{runner.removesuffix('Runner').lower()}", code, runner)
-            for name, code in codes.items() for runner in FLAGS.runners]
+            for name, code in codes.items() for runner in FLAGS.runners
+            if runner != "local" or name == "after"]  # the reference: the current code's no-Beam builder
 
 
 def build_module(runner: str) -> str:
