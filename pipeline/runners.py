@@ -60,9 +60,9 @@ def pipeline_runner(options: PipelineOptions):
     """The runner object for beam.Pipeline(runner=...), or None to let Beam resolve --runner.
 
     DirectRunner: the FnApiRunner that Beam 2.77's DirectRunner falls back to, built as it builds it.
-    Named DirectRunner, Beam 2.77 still tries Prism first: offline that costs ~0.5 s of every build
-    (a job server started, a download refused); online it downloads a Go binary and runs the job on an
-    engine the build was not measured on. --runner=PrismRunner asks for Prism explicitly."""
+    Named DirectRunner, Beam 2.77 still tries Prism first: offline it starts a job server and logs a
+    refused download; online it downloads a Go binary and runs the job on an engine the build was not
+    measured on. --runner=PrismRunner asks for Prism explicitly."""
     if str(options.view_as(StandardOptions).runner).rsplit(".", 1)[-1] not in ("DirectRunner", "SwitchingDirectRunner"):
         return None
     from apache_beam.portability.api import beam_provision_api_pb2
