@@ -63,7 +63,8 @@ def pipeline_runner(options: PipelineOptions):
     Named DirectRunner, Beam 2.77 still tries Prism first: offline it starts a job server and logs a
     refused download; online it downloads a Go binary and runs the job on an engine the build was not
     measured on. --runner=PrismRunner asks for Prism explicitly."""
-    if str(options.view_as(StandardOptions).runner).rsplit(".", 1)[-1] not in ("DirectRunner", "SwitchingDirectRunner"):
+    name = str(options.view_as(StandardOptions).runner).rsplit(".", 1)[-1].lower()
+    if name.removesuffix("runner") not in ("direct", "switchingdirect"):  # Beam's spellings: direct, DirectRunner
         return None
     from apache_beam.portability.api import beam_provision_api_pb2
     from apache_beam.runners.portability.fn_api_runner import fn_runner

@@ -88,7 +88,8 @@ def test_runner_objects():
 
     from pipeline import runners
 
-    assert isinstance(runners.pipeline_runner(PipelineOptions(DIRECT)), FnApiRunner)
+    for name in ("DirectRunner", "direct", "apache_beam.runners.direct.direct_runner.SwitchingDirectRunner"):
+        assert isinstance(runners.pipeline_runner(PipelineOptions([f"--runner={name}"])), FnApiRunner)
     for name in ("DataflowRunner", "PrismRunner", runners.DASK_RUNNER):
         assert runners.pipeline_runner(PipelineOptions([f"--runner={name}"])) is None
 
