@@ -45,7 +45,7 @@ evaluate: train
 # validation photographs.
 evaluate-shipped: build
 	$(BIN)/python -m model.evaluate --data_dir=$(OUT) --split=validation --model_dir=$(WEIGHTS) \
-		--methods=identity,orb_default,orb,sift,ecc,network,sift_or_network --output_dir=$(REPORT)/shipped
+		--methods=identity,orb_default,orb,sift,ecc,network,network_tta,sift_or_network --output_dir=$(REPORT)/shipped
 
 demo: evaluate-shipped
 	@echo

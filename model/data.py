@@ -248,18 +248,37 @@ def _xy(batch: dict, rho: float):
     return normalize(batch[schema.PATCH_A], batch[schema.PATCH_B]), scale_labels(batch[schema.OFFSETS], rho)
 
 
+def augment_views(batches, seed: int | None = None):
+    """Parsed batches, each seen through one of the 8 flips and transposes of the patches (drawn at random),
+    its offsets mapped exactly (pipeline.geometry.view_offsets): 8 pairs from each one the builder wrote."""
+    from pipeline import geometry
+
+    rng = np.random.default_rng(seed)
+    for b in batches:
+        view = geometry.VIEWS[int(rng.integers(len(geometry.VIEWS)))]
+        p = b[schema.PATCH_A].shape[1]
+        offsets = geometry.view_offsets(b[schema.OFFSETS], geometry.view_matrix(view, p), p)
+        yield dict(b, **{schema.PATCH_A: geometry.view_patches(b[schema.PATCH_A], view),
+                         schema.PATCH_B: geometry.view_patches(b[schema.PATCH_B], view),
+                         schema.OFFSETS: offsets.reshape(-1, 8)})
+
+
 def train_batches(data_dir: str, split: str, batch_size: int, *, shuffle_buffer: int = 10000, seed: int | None = None,
-                  reader: str = "auto", workers: int = 0):
+                  reader: str = "auto", workers: int = 0, augment: bool = False):
     """Endless, shuffled, full (inputs, labels) batches for Keras's fit: a tf.data.Dataset (uses_tf_data())
     or a generator of numpy batches from the TensorFlow-free reader (same normalisation and labels), its
-    shards decoded in `workers` processes (0: in this one)."""
+    shards decoded in `workers` processes (0: in this one). augment (that reader only): augment_views."""
     if uses_tf_data(reader):
+        if augment:
+            raise ValueError("augmentation runs on the TensorFlow-free reader: pass --reader=records")
         return make_dataset(data_dir, split, batch_size, training=True, shuffle_buffer=shuffle_buffer, seed=seed)
     from pipeline import records
 
     config = dataset_config(data_dir, split)
     stream = records.batches(data_dir, split, batch_size, shuffle=True, seed=seed, repeat=True,
                              drop_remainder=True, shuffle_buffer=max(shuffle_buffer, 1), workers=workers)
+    if augment:
+        stream = augment_views(stream, seed)
     return (_xy(b, config.rho) for b in stream)
 
 

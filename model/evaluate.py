@@ -33,7 +33,7 @@ class EvaluationError(ValueError):
 
 
 def default_methods(with_network: bool) -> list:
-    return list(methods_lib.DEFAULT_CLASSICAL) + (["network"] if with_network else [])
+    return list(methods_lib.DEFAULT_CLASSICAL) + (["network", "network_tta"] if with_network else [])
 
 
 def check_methods(names: list, with_network: bool) -> list:
@@ -85,9 +85,9 @@ class _Collected:
     seconds: float = 0.0
 
 
-def _network(model, a, b, model_rho: float):
+def _network(model, a, b, model_rho: float, tta: bool = False):
     """(offsets (N, 4, 2), finite (N,)): a diverged model's non-finite outputs become the identity."""
-    out = methods_lib.network_offsets(model, a, b, model_rho)
+    out = (methods_lib.network_offsets_tta if tta else methods_lib.network_offsets)(model, a, b, model_rho)
     finite = np.isfinite(out).all(axis=(1, 2))
     out[~finite] = 0.0
     return out, finite
@@ -97,8 +97,8 @@ def _run_batch(batch: dict, names: list, collected: dict, model, model_rho: floa
     a, b = batch["patch_a"], batch["patch_b"]
     for name in names:
         start = time.perf_counter()
-        if name == "network":
-            out, finite = _network(model, a, b, model_rho)
+        if name in ("network", "network_tta"):
+            out, finite = _network(model, a, b, model_rho, tta=name == "network_tta")
             collected[name].offsets.extend(out)
             collected[name].ok.extend(finite.tolist())
             if not finite.all():

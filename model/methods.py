@@ -29,7 +29,9 @@ DEFAULT_CLASSICAL = ("identity", "orb", "sift", "ecc")  # orb_default is on requ
 # Methods that need the trained network. sift_or_network: SIFT's estimate where SIFT finds a plausible
 # homography, the network's where it does not (few features, repeated texture): the classical method's
 # precision where it works, the network's robustness where it fails.
-NETWORK_METHODS = ("network", "sift_or_network")
+# network_tta: the network on the 8 flips and transposes of the pair, each estimate mapped back exactly
+# (pipeline.geometry.view_offsets) and the corners averaged; 8 passes for one estimate.
+NETWORK_METHODS = ("network", "network_tta", "sift_or_network")
 ALL_METHODS = CLASSICAL + NETWORK_METHODS
 
 RATIO = 0.8            # Lowe's ratio test; 0.8 as in Lowe (2004): rejects ~90% of false matches
@@ -258,6 +260,23 @@ def sift_or_network(patch_a: np.ndarray, patch_b: np.ndarray, network_offsets_ab
     if e.ok:
         return e
     return Estimate(np.asarray(network_offsets_ab, np.float32).reshape(4, 2), True, None)
+
+
+def network_offsets_tta(model, patches_a: np.ndarray, patches_b: np.ndarray, rho: float,
+                        batch_size: int = 64) -> np.ndarray:
+    """The network on the 8 views of each pair (test-time augmentation), each estimate mapped back to the
+    pair's own frame exactly, corners averaged: (N, 4, 2). NaN where a view's output is not finite."""
+    patch_size = patches_a.shape[1]
+    estimates = []
+    for view in geometry.VIEWS:
+        out = network_offsets(model, geometry.view_patches(patches_a, view), geometry.view_patches(patches_b, view),
+                              rho, batch_size)
+        finite = np.isfinite(out).all(axis=(1, 2))
+        back = np.full(out.shape, np.nan, np.float32)
+        back[finite] = geometry.view_offsets(out[finite], np.linalg.inv(geometry.view_matrix(view, patch_size)),
+                                             patch_size)
+        estimates.append(back)
+    return np.mean(estimates, axis=0, dtype=np.float64).astype(np.float32)
 
 
 def network_offsets(model, patches_a: np.ndarray, patches_b: np.ndarray, rho: float,

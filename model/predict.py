@@ -87,10 +87,11 @@ class Prediction:
 def predict_patches(method: str, patch_a: np.ndarray, patch_b: np.ndarray, *, model=None,
                     rho: float | None = None) -> tuple:
     """(offsets (4, 2), ok, reason) on one P x P pair: the call model.evaluate scores, one pair at a time."""
-    if method == "network":
+    if method in ("network", "network_tta"):
         if model is None or rho is None:
-            raise PredictError("method 'network' needs a model (--model_dir)")
-        offsets = methods_lib.network_offsets(model, patch_a[None], patch_b[None], rho, batch_size=1)[0]
+            raise PredictError(f"method '{method}' needs a model (--model_dir)")
+        fn = methods_lib.network_offsets_tta if method == "network_tta" else methods_lib.network_offsets
+        offsets = fn(model, patch_a[None], patch_b[None], rho, batch_size=8)[0]
         if not np.isfinite(offsets).all():  # a diverged model: the identity, as evaluation scores it
             return np.zeros((4, 2), np.float32), False, "non-finite output"
         return offsets, True, ""
@@ -148,7 +149,8 @@ def _define_flags():
     flags.DEFINE_string("image_a", None, "First image (any size, any format OpenCV reads)")
     flags.DEFINE_string("image_b", None, "Second image")
     flags.DEFINE_string("output", None, "Optional PNG: B's outline mapped into A, beside B")
-    flags.DEFINE_enum("method", "network", ["network", "sift", "orb", "orb_default", "ecc", "identity"], "Estimator")
+    flags.DEFINE_enum("method", "network", ["network", "network_tta", "sift", "orb", "orb_default", "ecc", "identity"],
+                      "Estimator (network_tta: the network on the pair's 8 flips and transposes, averaged)")
     flags.DEFINE_integer("patch_size", 128, "Input size P for a classical method without --model_dir")
     flags.DEFINE_bool("color", False, "Colour input for a classical method without --model_dir")
 
@@ -166,12 +168,12 @@ def main(argv):
         model, rho = None, None
         patch_size, channels = FLAGS.patch_size, 3 if FLAGS.color else 1
         model_dir = FLAGS.model_dir
-        if FLAGS.method == "network" and not model_dir:
+        if FLAGS.method in ("network", "network_tta") and not model_dir:
             from model import network
 
             model_dir = network.shipped_model_dir()  # the project's trained weights, where this checkout has them
             if not model_dir:
-                raise PredictError(f"--method=network needs --model_dir (this checkout has no shipped weights in "
+                raise PredictError(f"--method={FLAGS.method} needs --model_dir (this checkout has no shipped weights in "
                                    f"{network.SHIPPED_MODEL_DIR}), or pick --method=sift|orb|ecc")
         if model_dir:
             model, run = _load(model_dir)

@@ -111,11 +111,16 @@ def card(config: dict, history: list, report: dict, device: str, parameters: int
         f"`{report.get('command') or 'python -m model.evaluate'}`).", "",
         "| method | mean MACE (px) | median (px) | p90 (px) | failures | ms / pair |", "|---|---|---|---|---|---|"]
     for name, m in report["methods"].items():
-        label = "**network (these weights)**" if name == "network" else name
+        label = {"network": "**network (these weights)**",
+                 "network_tta": "**network_tta (these weights, 8 views)**"}.get(name, name)
         lines.append(f"| {label} | {m['mean_mace']} | {m['median_mace']} | {m['p90_mace']} | {m['failures']} | "
                      f"{1000 * m['seconds_per_pair']:.2f} |")
     lines += ["", "Identity is the error of predicting no motion (expected 0.765 x rho). The classical methods "
               "run on the same pairs (model/methods.py); a failed estimate counts as the identity."]
+    if "network_tta" in report["methods"]:
+        lines += ["network_tta runs these weights on the 8 flips and transposes of each pair, maps each estimate "
+                  "back to the pair's frame exactly (pipeline/geometry.py: view_offsets) and averages the corners: "
+                  "no training, 8 passes per estimate."]
     return "\n".join(lines) + "\n"
 
 

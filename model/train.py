@@ -67,7 +67,8 @@ DEFAULTS = dict(steps=90000, batch_size=64, optimizer="sgd", learning_rate=0.005
                 lr_decay_factor=0.1, loss="l2_distance", clip_norm=0.0, val_every=1000, val_batches=0, checkpoint_every=1000, log_every=100,
                 steps_per_loop=10, shuffle_buffer=10000, dropout=True, batchnorm=True, mixed_precision="none",
                 jit_compile=False, architecture="homographynet", seed=0, train_split="train",
-                val_split="validation", max_checkpoints=3, max_minutes=0.0, reader="auto", reader_workers=0)
+                val_split="validation", max_checkpoints=3, max_minutes=0.0, reader="auto", reader_workers=0,
+                augment=False)
 
 
 def _check_args(a: dict) -> None:
@@ -90,9 +91,11 @@ def _check_args(a: dict) -> None:
         raise TrainError(f"unknown --architecture '{a['architecture']}'; known: {', '.join(network.ARCHITECTURES)}")
     try:
         network.dtype_policy(a["mixed_precision"])
-        data.uses_tf_data(a["reader"])
+        tf_data = data.uses_tf_data(a["reader"])
     except ValueError as e:
         raise TrainError(str(e)) from e
+    if a["augment"] and tf_data:
+        raise TrainError("--augment runs on the TensorFlow-free reader: add --reader=records")
 
 
 def _check_model_dir(model_dir: str, config: dict) -> None:
@@ -268,7 +271,7 @@ def _train(data_dir: str, model_dir: str, a: dict, config: dict, started: float,
             # Fresh shuffle order after a resume (the data stream itself is not checkpointed).
             stream = data.train_batches(data_dir, a["train_split"], batch, shuffle_buffer=a["shuffle_buffer"],
                                         seed=a["seed"] + start_step, reader=a["reader"],
-                                        workers=a["reader_workers"])
+                                        workers=a["reader_workers"], augment=a["augment"])
             model.fit(stream, epochs=1, steps_per_epoch=a["steps"] - start_step, verbose=0, callbacks=[monitor],
                       shuffle=False)  # the stream is shuffled already
         monitor.checkpoint(monitor.step)  # the last step's (refused, as Diverged, if its weights are non-finite)
@@ -360,6 +363,10 @@ def _define_flags():
     flags.DEFINE_string("val_split", "validation", "Split to validate on")
     flags.DEFINE_enum("reader", "auto", list(data.READERS), "Shard reader: tf.data (Keras on TensorFlow), records "
                       "(pipeline.records, no TensorFlow needed), auto = tf.data on TensorFlow, records otherwise")
+    flags.DEFINE_string("init_from", None, "Start from the weights of this run directory (e.g. the shipped "
+                        "data/weights/compact_rho32), layer by layer by name; a fresh run only")
+    flags.DEFINE_bool("augment", False, "Show each training batch through one of the 8 flips and transposes of "
+                      "its patches, offsets mapped exactly (needs --reader=records)")
     flags.DEFINE_integer("reader_workers", 0, "Processes decoding training shards for the records reader (0: the "
                          "training process itself; a GPU needs several to be fed)")
 
@@ -378,7 +385,9 @@ def main(argv):
 
     signal.signal(signal.SIGTERM, on_sigterm)
     try:
-        options = {"bn_momentum": FLAGS.bn_momentum} if FLAGS.architecture in ("homographynet", "compact") else None
+        options = {"bn_momentum": FLAGS.bn_momentum} if FLAGS.architecture in ("homographynet", "compact") else {}
+        if FLAGS.init_from:  # fine-tuning: the weights of another run (or the shipped ones), layer by layer
+            options["init_from"] = os.path.abspath(FLAGS.init_from)
         result = train(FLAGS.data_dir, FLAGS.model_dir, architecture_options=options, **args)
     except (TrainError, data.DatasetError) as e:  # DamagedShardError is a DatasetError
         return _fail(str(e))

@@ -97,6 +97,49 @@ def offsets_from_homography(h_local: np.ndarray, patch_size: int) -> np.ndarray:
     return (mapped.reshape(4, 2) - c).astype(np.float32)
 
 
+# The 8 symmetries of a square patch (flips and transposes), as the pixel maps u' = M u that turn a patch
+# into its view: view(u') = patch(M^-1 u'). Pixel centres are 0..P-1, so a flip is u' = P - 1 - u.
+VIEWS = tuple((t, fx, fy) for t in (False, True) for fx in (False, True) for fy in (False, True))
+
+
+def view_matrix(view: tuple, patch_size: int) -> np.ndarray:
+    """3x3 M of a view (transpose, flip_x, flip_y): flip x, then flip y, then transpose."""
+    transpose, flip_x, flip_y = view
+    m = np.eye(3)
+    if flip_x:
+        m = np.array([[-1.0, 0, patch_size - 1], [0, 1, 0], [0, 0, 1]]) @ m
+    if flip_y:
+        m = np.array([[1.0, 0, 0], [0, -1, patch_size - 1], [0, 0, 1]]) @ m
+    if transpose:
+        m = np.array([[0.0, 1, 0], [1, 0, 0], [0, 0, 1]]) @ m
+    return m
+
+
+def view_patches(patches: np.ndarray, view: tuple) -> np.ndarray:
+    """Patches (N, P, P, C) or (P, P, C), indexed [.., y, x, c], seen through `view` (exact: no resampling)."""
+    transpose, flip_x, flip_y = view
+    out = np.asarray(patches)
+    if flip_x:
+        out = out[..., :, ::-1, :]
+    if flip_y:
+        out = out[..., ::-1, :, :]
+    if transpose:
+        out = np.swapaxes(out, -3, -2)
+    return np.ascontiguousarray(out)
+
+
+def view_offsets(offsets: np.ndarray, m: np.ndarray, patch_size: int) -> np.ndarray:
+    """The 4-point offsets (.., 4, 2) of a pair seen through the pixel map m: H' = m H m^-1.
+
+    Exact for any m, so view_offsets(view_offsets(o, m), inv(m)) == o; a flip is no corner permutation
+    here, since the corners sit at 0 and P while a flipped pixel centre u goes to P - 1 - u."""
+    offsets = np.asarray(offsets, np.float64)
+    flat = offsets.reshape(-1, 4, 2)
+    m_inv = np.linalg.inv(m)
+    out = np.stack([offsets_from_homography(m @ homography_local(o, patch_size) @ m_inv, patch_size) for o in flat])
+    return out.reshape(offsets.shape).astype(np.float32)
+
+
 def crop(image: np.ndarray, x: int, y: int, patch_size: int) -> np.ndarray:
     return image[y:y + patch_size, x:x + patch_size]
 

@@ -132,7 +132,7 @@ def test_network_is_evaluated_batched(built_dataset, tiny_run, tmp_path):
 
     result = evaluate.evaluate(built_dataset, "validation", str(tmp_path), model_dir=tiny_run,
                                max_pairs=20, num_visualizations=1, batch_size=8)
-    assert list(result["methods"]) == ["identity", "orb", "sift", "ecc", "network"]
+    assert list(result["methods"]) == ["identity", "orb", "sift", "ecc", "network", "network_tta"]
     net = result["methods"]["network"]
     assert net["num_pairs"] == 20 and net["failure_rate"] == 0 and np.isfinite(net["mean_mace"])
     assert result["model"]["model_dir"] == tiny_run and result["model"]["rho"] == 32
@@ -143,6 +143,9 @@ def test_network_is_evaluated_batched(built_dataset, tiny_run, tmp_path):
     pred = methods.network_offsets(model, batch["patch_a"].numpy(), batch["patch_b"].numpy(), run["rho"])
     errors = np.linalg.norm(pred - batch["offsets"].numpy().reshape(-1, 4, 2), axis=-1).mean(-1)
     assert net["mean_mace"] == pytest.approx(errors.mean(), abs=2e-3)
+    tta = methods.network_offsets_tta(model, batch["patch_a"].numpy(), batch["patch_b"].numpy(), run["rho"])
+    errors = np.linalg.norm(tta - batch["offsets"].numpy().reshape(-1, 4, 2), axis=-1).mean(-1)
+    assert result["methods"]["network_tta"]["mean_mace"] == pytest.approx(errors.mean(), abs=2e-3)
     # SIFT where it finds H, the network where it does not: never an identity fallback.
     both = evaluate.evaluate(built_dataset, "validation", str(tmp_path / "both"), model_dir=tiny_run,
                              methods=["sift", "sift_or_network"], max_pairs=20, num_visualizations=0, batch_size=8)

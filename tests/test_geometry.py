@@ -116,3 +116,41 @@ def test_mace_identity_equals_mean_corner_norm():
     # E[MACE of identity] = 0.765 rho for U[-rho, rho] offsets (DESIGN.md).
     many = np.random.default_rng(1).uniform(-32, 32, (20000, 8))
     assert abs(g.mace(np.zeros_like(many), many).mean() / 32 - 0.765) < 0.01
+
+
+def _residual(patch_a, patch_b, offsets):
+    h = g.homography_local(offsets, P)
+    from_a = cv2.warpPerspective(patch_a[..., 0], h, (P, P), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP)
+    return np.abs(from_a.astype(float) - patch_b[..., 0])[_valid_mask(h)].mean()
+
+
+def _naive_view_offsets(offsets, view):
+    """The tempting shortcut: permute the corners and flip signs, as if corners sat at pixel centres."""
+    transpose, flip_x, flip_y = view
+    o = np.asarray(offsets, np.float64).reshape(4, 2).copy()
+    if flip_x:
+        o = o[[1, 0, 3, 2]] * [-1, 1]
+    if flip_y:
+        o = o[[3, 2, 1, 0]] * [1, -1]
+    if transpose:
+        o = o[[0, 3, 2, 1]][:, ::-1]
+    return o
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_views_of_a_pair_keep_their_label_exactly(seed):
+    """Each of the 8 flips/transposes of a pair is a pair whose offsets view_offsets gives: patch A of the
+    view warped by them reproduces patch B of the view; mapping back returns the original offsets."""
+    pair = g.generate_pairs(_image(seed), g.PairConfig(), "train", seed)[1]
+    assert len(set(g.VIEWS)) == 8
+    naive_worse = 0
+    for view in g.VIEWS:
+        m = g.view_matrix(view, P)
+        a, b = g.view_patches(pair.patch_a, view), g.view_patches(pair.patch_b, view)
+        # view_patches is the pixel map M, without resampling
+        assert np.array_equal(a[..., 0], cv2.warpPerspective(pair.patch_a[..., 0], m, (P, P), flags=cv2.INTER_NEAREST))
+        o = g.view_offsets(pair.offsets, m, P)
+        assert _residual(a, b, o) < 0.5
+        np.testing.assert_allclose(g.view_offsets(o, np.linalg.inv(m), P), pair.offsets, atol=2e-3)
+        naive_worse += _residual(a, b, _naive_view_offsets(pair.offsets, view)) > 2 * _residual(a, b, o) + 0.3
+    assert naive_worse >= 4  # the flips are not corner permutations here (the transposes are)

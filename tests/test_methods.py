@@ -89,3 +89,32 @@ def test_sift_or_network_keeps_sift_where_it_works_and_the_network_where_it_fail
     assert not methods.sift(flat, flat).ok
     e = methods.sift_or_network(flat, flat, guess)
     assert e.ok and np.array_equal(e.offsets, guess)
+
+
+class _OracleNetwork:
+    """Stands in for a Keras model: knows the true offsets of every view of the given pairs, so
+    test-time augmentation must give back the truth exactly, and anything but the exact map-back fails."""
+
+    def __init__(self, pairs, rho):
+        from model import data
+
+        self.table = {}
+        a = np.stack([p.patch_a for p in pairs])
+        b = np.stack([p.patch_b for p in pairs])
+        for view in geometry.VIEWS:
+            x = data.normalize(geometry.view_patches(a, view), geometry.view_patches(b, view))
+            m = geometry.view_matrix(view, a.shape[1])
+            for xi, p in zip(np.asarray(x), pairs):
+                self.table[xi.tobytes()] = geometry.view_offsets(p.offsets, m, a.shape[1]).reshape(8) / rho
+
+    def predict_on_batch(self, x):
+        return np.stack([self.table[xi.tobytes()] for xi in np.asarray(x)])
+
+
+def test_network_tta_maps_every_view_back_exactly(textured_pairs):
+    pairs = textured_pairs[:6]
+    truth = np.array([p.offsets for p in pairs])
+    a, b = np.stack([p.patch_a for p in pairs]), np.stack([p.patch_b for p in pairs])
+    oracle = _OracleNetwork(pairs, 32.0)
+    np.testing.assert_allclose(methods.network_offsets(oracle, a, b, 32.0), truth, atol=1e-3)
+    np.testing.assert_allclose(methods.network_offsets_tta(oracle, a, b, 32.0), truth, atol=2e-3)

@@ -103,3 +103,34 @@ def test_clear_errors(built_dataset, tmp_path):
 def test_input_throughput_reports_pairs_per_second(built_dataset):
     r = data.input_throughput(built_dataset, "train", batch_size=8, batches=3, shuffle_buffer=16)
     assert r["batches"] == 3 and r["pairs_per_sec"] > 0 and r["seconds"] > 0
+
+
+def test_augmented_batches_are_exact_views_of_the_records(built_dataset):
+    """--augment: every batch is one of the 8 flips/transposes of records the builder wrote, with the
+    offsets of that view (which reproduce its patch B from its patch A), and the views vary."""
+    import cv2
+
+    from pipeline import geometry, records
+
+    plain = list(records.batches(built_dataset, "validation", 16))
+    seen = set()
+    for b, aug in zip(plain, data.augment_views(iter(plain), seed=3)):
+        matches = [v for v in geometry.VIEWS if np.array_equal(aug["patch_a"], geometry.view_patches(b["patch_a"], v))
+                   and np.array_equal(aug["patch_b"], geometry.view_patches(b["patch_b"], v))]
+        assert matches, "the augmented patches are no view of the records"
+        view = matches[0]
+        seen.add(view)
+        np.testing.assert_allclose(aug["offsets"], geometry.view_offsets(
+            b["offsets"], geometry.view_matrix(view, 128), 128).reshape(-1, 8), atol=1e-4)
+        h = geometry.homography_local(aug["offsets"][0], 128)
+        from_a = cv2.warpPerspective(aug["patch_a"][0, ..., 0], h, (128, 128), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP)
+        inside = cv2.warpPerspective(np.ones((128, 128), np.uint8), h, (128, 128),
+                                     flags=cv2.INTER_NEAREST | cv2.WARP_INVERSE_MAP)
+        inside = cv2.erode(inside, np.ones((3, 3), np.uint8)) > 0
+        assert np.abs(from_a.astype(float) - aug["patch_b"][0, ..., 0])[inside].mean() < 1.0
+    assert len(seen) >= 2
+    x, y = next(data.train_batches(built_dataset, "train", 8, reader="records", augment=True, seed=0))
+    # a flipped view's offsets may pass rho by about a pixel (corners at 0 and P, pixel centres at 0..P-1)
+    assert x.shape == (8, 128, 128, 2) and y.shape == (8, 8) and np.abs(y).max() <= (32 + 2) / 32
+    with pytest.raises(ValueError, match="--reader=records"):
+        data.train_batches(built_dataset, "train", 8, reader="tf.data", augment=True)

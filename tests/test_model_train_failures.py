@@ -226,3 +226,16 @@ def test_max_minutes_ends_like_a_normal_run_and_resumes(tiny, tmp_path):
     result = train.train(tiny, model_dir, steps=stopped + 3, checkpoint_every=500, **FAST)
     assert result["start_step"] == stopped and result["final_step"] == stopped + 3
     assert result["stop_reason"] == "complete" and history_steps(model_dir) == list(range(1, stopped + 4))
+
+
+def test_augment_needs_the_records_reader_and_init_from_copies_weights(tiny, tmp_path):
+    with pytest.raises(train.TrainError, match="--reader=records"):
+        train.train(tiny, str(tmp_path / "r"), steps=1, augment=True, reader="tf.data", architecture="compact")
+    # A fresh run started from another run's weights: before any step, its network is that run's network.
+    first = str(tmp_path / "first")
+    train.train(tiny, first, steps=2, batch_size=4, val_every=0, checkpoint_every=2, log_every=1, steps_per_loop=1,
+                shuffle_buffer=8, architecture="compact", reader="records", augment=True)
+    source, _ = network.load(first)
+    copy = network.build("compact", 32, 1, options={"init_from": first})
+    for a, b in zip(source.get_weights(), copy.get_weights()):
+        np.testing.assert_array_equal(a, b)
