@@ -100,7 +100,11 @@ def card(config: dict, history: list, report: dict, device: str, parameters: int
         f"({(last.get('step') or 0) * config.get('batch_size', 0):,} pairs seen), optimizer "
         f"{config.get('optimizer', 'sgd')}, learning rate {config.get('learning_rate')} x "
         f"{config.get('lr_decay_factor')} every {config.get('lr_decay_steps')} steps, loss {config.get('loss')}, "
-        f"dropout {config.get('dropout')}, batch norm {config.get('batchnorm')}.",
+        f"dropout {config.get('dropout')}, batch norm {config.get('batchnorm')}"
+        + (", each batch seen through one of the 8 flips and transposes of its patches, labels mapped exactly "
+           "(`--augment`)" if config.get("augment") else "") + ".",
+        *([f"- Started from the weights of `{config['architecture_options']['init_from']}` (`--init_from`)."]
+          if (config.get("architecture_options") or {}).get("init_from") else []),
         f"- Wall time: {hours:.2f} h on {device}.",
         "- Curves: `history.csv`, `mace.png` (training and validation MACE against steps)."
         + (f" Last validation check: {vals[-1]['val_mace']:.2f} px at step {vals[-1]['step']}." if vals else ""),
