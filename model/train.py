@@ -186,6 +186,11 @@ def train(data_dir: str, model_dir: str, *, step_hook=None, architecture_options
         raise TypeError(f"unknown train() arguments: {', '.join(sorted(unknown))}")
     a = {**DEFAULTS, **kwargs}
     _check_args(a)
+    init_from = (architecture_options or {}).get("init_from")
+    if init_from and (network.read_config(init_from) is None
+                      or not os.path.exists(os.path.join(init_from, network.MODEL_FILE))):
+        raise TrainError(f"--init_from {init_from} is not a finished training run (needs {network.CONFIG_FILE} and "
+                         f"{network.MODEL_FILE})")
     train_cfg = data.dataset_config(data_dir, a["train_split"])
     if a["val_every"]:
         val_cfg = data.dataset_config(data_dir, a["val_split"])

@@ -231,6 +231,9 @@ def test_max_minutes_ends_like_a_normal_run_and_resumes(tiny, tmp_path):
 def test_augment_needs_the_records_reader_and_init_from_copies_weights(tiny, tmp_path):
     with pytest.raises(train.TrainError, match="--reader=records"):
         train.train(tiny, str(tmp_path / "r"), steps=1, augment=True, reader="tf.data", architecture="compact")
+    with pytest.raises(train.TrainError, match="not a finished training run"):
+        train.train(tiny, str(tmp_path / "r"), steps=1, architecture="compact",
+                    architecture_options={"init_from": str(tmp_path / "nowhere")})
     # A fresh run started from another run's weights: before any step, its network is that run's network.
     first = str(tmp_path / "first")
     train.train(tiny, first, steps=2, batch_size=4, val_every=0, checkpoint_every=2, log_every=1, steps_per_loop=1,
