@@ -27,7 +27,7 @@ setuptools.setup(
     install_requires=REQUIRED,
     # The trained weights that ship with the project (model.network.SHIPPED_MODEL_DIR), in non-editable installs too.
     package_data={"data": ["weights/*/*"]},
-    # torch: for the tests of the PyTorch reader (pipeline.records_torch); its CPU build is all they need.
+    # torch: for the tests of the PyTorch reader (pipeline.reader.torch_dataset); its CPU build is all they need.
     # jax[cpu]: Keras 3 on JAX (tests/test_model_jax.py); 0.10 leaves numpy, ml_dtypes and protobuf as TF pins them.
     extras_require={"test": ["pytest", "pytest-xdist", "torch==2.13.0", "jax[cpu]==0.10.*"]},
 )

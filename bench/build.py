@@ -61,7 +61,8 @@ def loop_rate(images: list, variant: str) -> float:
     """Pairs/s of the plain single-process loop over (bytes, width, height) of real JPEGs, on one core."""
     import cv2
 
-    from pipeline import coco, geometry, schema
+    from pipeline.builder import coco
+    from pipeline.dataset import geometry, schema
 
     cv2.setNumThreads(1)  # one core, as each pipeline worker runs
     reduced, warp, encode = _VARIANTS[variant]

@@ -91,7 +91,7 @@ def dataset_dir(data_dir: str | None, workdir: pathlib.Path) -> str:
     if data_dir:
         return data_dir
     from pipeline.build import build
-    from pipeline.geometry import PairConfig
+    from pipeline.dataset.geometry import PairConfig
 
     out = workdir / "coco_mini_rho32"
     if not (out / "dataset_info.json").exists():

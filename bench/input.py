@@ -41,7 +41,7 @@ def per_record_dataset(data_dir: str, batch_size: int):
     import tensorflow as tf
 
     from model import data
-    from pipeline import schema
+    from pipeline.dataset import schema
 
     cfg = data.dataset_config(data_dir, "train")
 
@@ -59,7 +59,7 @@ def channel_concat_dataset(data_dir: str, batch_size: int):
     import tensorflow as tf
 
     from model import data
-    from pipeline import schema
+    from pipeline.dataset import schema
 
     cfg = data.dataset_config(data_dir, "train")
 

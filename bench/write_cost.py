@@ -2,7 +2,7 @@
 
   python -m bench.write_cost [--dest=DIR] [--shards=40] [--workers=2] [--images_per_shard=203]
 
-Each of --workers processes runs pipeline.shards.write_shard over --shards shards of real coco_mini JPEGs
+Each of --workers processes runs pipeline.builder.shards.write_shard over --shards shards of real coco_mini JPEGs
 (cycled; 203 images x 10 pairs = the seed's build's ~67 MB shards), once into /dev/null and once into
 files under --dest (removed after). Printed: the mean seconds per shard in each fifth of the run, the
 pairs/s of all processes together, and the ratio files / /dev/null. A rate that falls once a few GiB have
@@ -32,7 +32,8 @@ def _write(args) -> list:
     """Seconds per shard of one process; shard k of process p holds images [(p * shards + k) * n, ...)."""
     import cv2
 
-    from pipeline import coco, geometry, shards
+    from pipeline.builder import coco, shards
+    from pipeline.dataset import geometry
 
     coco_dir, target, proc, num_shards, n = args
     cv2.setNumThreads(1)
@@ -57,7 +58,8 @@ def run(coco_dir: str, target, workers: int, num_shards: int, n: int) -> list:
 
 def main(argv):
     del argv
-    from pipeline import coco, geometry, shards  # noqa: F401 (imported once, before the pool forks)
+    from pipeline.builder import coco, shards  # noqa: F401 (imported once, before the pool forks)
+    from pipeline.dataset import geometry  # noqa: F401 (imported once, before the pool forks)
 
     work = pathlib.Path(tempfile.mkdtemp(prefix="bench_write_cost_", dir=FLAGS.dest))
     try:

@@ -19,8 +19,8 @@ import sys
 
 import numpy as np
 
-from pipeline import dataset_info, schema
-from pipeline.dataset_info import DatasetError  # re-exported: the one "bad dataset" error
+from pipeline.dataset import dataset_info, schema
+from pipeline.dataset.dataset_info import DatasetError  # re-exported: the one "bad dataset" error
 
 MAX_CYCLE_LENGTH = 16  # shards read at once; more only adds open files and memory
 
@@ -215,11 +215,11 @@ def damaged_shard(error: BaseException, data_dir: str, split: str):
     The reader's CorruptShardError carries the shard and offset. tf.data's DataLossError ("truncated
     record at N", "corrupted record at N") names neither, so the split's shards are scanned with the
     CRC-checking reader to find the damage."""
-    from pipeline import records
+    from pipeline.reader import framing
 
     if isinstance(error, DamagedShardError):
         return error
-    if isinstance(error, records.CorruptShardError):
+    if isinstance(error, framing.CorruptShardError):
         return DamagedShardError(error.path, error.offset, error.problem, data_dir)
     tf = sys.modules.get("tensorflow")
     if tf is None or not (isinstance(error, tf.errors.DataLossError) or _READER_ERROR in str(error)
@@ -229,9 +229,9 @@ def damaged_shard(error: BaseException, data_dir: str, split: str):
     config = dataset_config(data_dir, split)
     for path in config.shard_files:
         try:
-            for _ in records.iter_records(path):
+            for _ in framing.iter_records(path):
                 pass
-        except records.CorruptShardError as e:
+        except framing.CorruptShardError as e:
             return DamagedShardError(e.path, e.offset, e.problem, data_dir)
     return DamagedShardError(None, None, f"split '{split}': {_first_line(error)}", data_dir)
 
@@ -250,8 +250,8 @@ def _xy(batch: dict, rho: float):
 
 def augment_views(batches, seed: int | None = None):
     """Parsed batches, each seen through one of the 8 flips and transposes of the patches (drawn at random),
-    its offsets mapped exactly (pipeline.geometry.view_offsets): 8 pairs from each one the builder wrote."""
-    from pipeline import geometry
+    its offsets mapped exactly (pipeline.dataset.geometry.view_offsets): 8 pairs from each one the builder wrote."""
+    from pipeline.dataset import geometry
 
     rng = np.random.default_rng(seed)
     for b in batches:
@@ -272,11 +272,11 @@ def train_batches(data_dir: str, split: str, batch_size: int, *, shuffle_buffer:
         if augment:
             raise ValueError("augmentation runs on the TensorFlow-free reader: pass --reader=records")
         return make_dataset(data_dir, split, batch_size, training=True, shuffle_buffer=shuffle_buffer, seed=seed)
-    from pipeline import records
+    from pipeline.reader import batching
 
     config = dataset_config(data_dir, split)
-    stream = records.batches(data_dir, split, batch_size, shuffle=True, seed=seed, repeat=True,
-                             drop_remainder=True, shuffle_buffer=max(shuffle_buffer, 1), workers=workers)
+    stream = batching.batches(data_dir, split, batch_size, shuffle=True, seed=seed, repeat=True,
+                              drop_remainder=True, shuffle_buffer=max(shuffle_buffer, 1), workers=workers)
     if augment:
         stream = augment_views(stream, seed)
     return (_xy(b, config.rho) for b in stream)
@@ -299,10 +299,10 @@ def parsed_batches(data_dir: str, split: str, batch_size: int, reader: str = "au
         for batch in read_batches(data_dir, split, batch_size):
             yield {k: v.numpy() for k, v in batch.items()}
         return
-    from pipeline import records
+    from pipeline.reader import batching
 
     dataset_config(data_dir, split)  # the same DatasetErrors as the tf.data path, before any reading
-    yield from records.batches(data_dir, split, batch_size)
+    yield from batching.batches(data_dir, split, batch_size)
 
 
 def pairs_per_second(ds, batches: int, warmup: int = 20) -> float:

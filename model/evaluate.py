@@ -23,7 +23,8 @@ from absl import flags, logging
 
 from model import methods as methods_lib
 from model import report as report_lib
-from pipeline import cli, geometry
+from pipeline.dataset import geometry
+from pipeline.runtime import cli
 
 IDENTITY_MACE_PER_RHO = 0.765  # E|u - 0| over the square [-1, 1]^2: the identity's MACE is 0.765 * rho
 
@@ -201,7 +202,7 @@ def _batches(data, data_dir: str, split: str, batch_size: int):
 
 def _full_config(data_dir: str) -> dict:
     """The generation config of dataset_info.json (patch_size, rho, image size, channels, pairs/image, seed)."""
-    from pipeline import dataset_info
+    from pipeline.dataset import dataset_info
 
     return dict(dataset_info.read(data_dir).raw["config"])
 

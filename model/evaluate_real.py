@@ -30,7 +30,7 @@ from absl import flags, logging
 from model import methods as methods_lib
 from model import real_pairs
 from model.real_pairs import RealPairsError
-from pipeline import cli
+from pipeline.runtime import cli
 
 KNOWN_METHODS = methods_lib.CLASSICAL + ("network", "sift_or_network")
 NEEDS_NETWORK = ("network", "sift_or_network")

@@ -39,7 +39,7 @@ from model.experiments_plan import (SCALES, VARIANTS, VARIANTS_BY_NAME, Experime
                                     Settings, Variant, select)
 from model.experiments_report import (ABLATION, ABLATION_PLOT, CLASSICAL_METHODS, REPORT_JSON,  # noqa: F401
                                       REPORT_MD, RHO_PLOT, TRANSFER_PLOT, markdown)
-from pipeline import cli
+from pipeline.runtime import cli
 
 LOG_FILE = "experiments.log.jsonl"
 
@@ -87,7 +87,7 @@ def dataset_name(rho: int, channels: int) -> str:
 def ensure_dataset(s: Settings, rho: int, channels: int) -> str:
     """Builds data/rho<R>_<gray|color> once (pipeline.build); returns its folder."""
     from pipeline.build import build
-    from pipeline.geometry import PairConfig
+    from pipeline.dataset.geometry import PairConfig
 
     name = dataset_name(rho, channels)
     out = os.path.join(s.output_dir, "data", name)

@@ -28,7 +28,8 @@ import time
 
 import cv2
 
-from pipeline import cli, coco
+from pipeline.builder import coco
+from pipeline.runtime import cli
 
 # What the box lacks: Keras 3 for JAX (it has numpy, absl-py, h5py, rich, ml_dtypes through its JAX,
 # PyTorch and TensorBoard stack; typing_extensions, which optree needs, comes with PyTorch there and is carried

@@ -30,7 +30,7 @@ import subprocess
 import sys
 import time
 
-from pipeline import cli
+from pipeline.runtime import cli
 
 EVAL_PAIRS_PER_IMAGE = 10  # the standard validation pairs: coco val2017 x 10, seed 0
 MAX_BROUGHT_BACK = 16 * 2**20
@@ -91,7 +91,7 @@ def build_data(bundle_dir: str, work_dir: str, manifest: dict, patches_per_image
                rho: int, workers: int) -> tuple[str, str]:
     """(training dataset, evaluation dataset), built by the local builder from the bundle's images."""
     from pipeline import local_build
-    from pipeline.geometry import PairConfig
+    from pipeline.dataset.geometry import PairConfig
 
     common = dict(image_width=manifest["image_width"], image_height=manifest["image_height"],
                   channels=manifest["channels"], rho=rho, seed=0)

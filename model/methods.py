@@ -22,7 +22,7 @@ import functools
 import cv2
 import numpy as np
 
-from pipeline import geometry
+from pipeline.dataset import geometry
 
 CLASSICAL = ("identity", "orb", "orb_default", "sift", "ecc")
 DEFAULT_CLASSICAL = ("identity", "orb", "sift", "ecc")  # orb_default is on request (--methods)
@@ -30,7 +30,7 @@ DEFAULT_CLASSICAL = ("identity", "orb", "sift", "ecc")  # orb_default is on requ
 # homography, the network's where it does not (few features, repeated texture): the classical method's
 # precision where it works, the network's robustness where it fails.
 # network_tta: the network on the 8 flips and transposes of the pair, each estimate mapped back exactly
-# (pipeline.geometry.view_offsets) and the corners averaged; 8 passes for one estimate.
+# (pipeline.dataset.geometry.view_offsets) and the corners averaged; 8 passes for one estimate.
 NETWORK_METHODS = ("network", "network_tta", "sift_or_network")
 ALL_METHODS = CLASSICAL + NETWORK_METHODS
 

@@ -8,7 +8,7 @@ Prints H, the 3x3 homography that maps a pixel of image B to its position in ima
 DESIGN.md's H_local), and with --output draws B's outline mapped into A, beside B.
 
 How the sizes are handled. Both images are decoded and converted exactly as the dataset builder does
-(grayscale, or BGR colour when the run was trained with --color; pipeline.coco.decode_resize) and resized
+(grayscale, or BGR colour when the run was trained with --color; pipeline.builder.coco.decode_resize) and resized
 to the model's input, P x P (P = the run's patch_size, 128), whatever their size and aspect ratio. The
 method estimates H_local on these P x P images (B -> A). With S_a and S_b the matrices that take an
 original pixel of A and of B to the resized frame,
@@ -36,7 +36,9 @@ import numpy as np
 from absl import flags
 
 from model import methods as methods_lib
-from pipeline import cli, coco, geometry
+from pipeline.builder import coco
+from pipeline.dataset import geometry
+from pipeline.runtime import cli
 
 
 class PredictError(ValueError):

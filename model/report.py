@@ -17,7 +17,7 @@ matplotlib.use("Agg")  # files only, never a display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from pipeline import geometry  # noqa: E402
+from pipeline.dataset import geometry  # noqa: E402
 
 JSON_FILE = "mace_report.json"
 MARKDOWN_FILE = "mace_report.md"

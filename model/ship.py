@@ -22,7 +22,7 @@ import shutil
 import tempfile
 
 from model import network
-from pipeline import cli
+from pipeline.runtime import cli
 
 EVALUATION_FILE = "evaluation.json"
 CARD_FILE = "CARD.md"
@@ -70,7 +70,7 @@ def decide(new: dict, old: dict | None, force: bool = False) -> tuple[bool, str]
 
 def data_text(config: dict) -> str:
     """Where the training pairs came from, read from the training dataset's index when it is still there."""
-    from pipeline import dataset_info
+    from pipeline.dataset import dataset_info
 
     split = config.get("train_split", "train")
     try:
@@ -123,7 +123,7 @@ def card(config: dict, history: list, report: dict, device: str, parameters: int
               "run on the same pairs (model/methods.py); a failed estimate counts as the identity."]
     if "network_tta" in report["methods"]:
         lines += ["network_tta runs these weights on the 8 flips and transposes of each pair, maps each estimate "
-                  "back to the pair's frame exactly (pipeline/geometry.py: view_offsets) and averages the corners: "
+                  "back to the pair's frame exactly (pipeline/dataset/geometry.py: view_offsets) and averages the corners: "
                   "no training, 8 passes per estimate."]
     return "\n".join(lines) + "\n"
 

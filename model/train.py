@@ -38,7 +38,7 @@ import numpy as np
 from absl import flags, logging
 
 from model import callbacks, data, losses, network, run_dir
-from pipeline import cli
+from pipeline.runtime import cli
 
 HISTORY_FIELDS = run_dir.HISTORY_FIELDS
 plot_mace = run_dir.plot_mace

@@ -20,7 +20,10 @@ from absl import flags
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions, TestOptions
 
-from pipeline import audit_report, audit_transforms as at, cli, dataset_info, runners, schema
+from pipeline.auditing import measure, statistics
+from pipeline.auditing import report as audit_report
+from pipeline.dataset import dataset_info, schema
+from pipeline.runtime import cli, runners
 
 RAW_RESULTS = "audit_raw.json"  # the job's output; the driver turns it into audit.json, then removes it
 
@@ -68,16 +71,17 @@ def _write_raw(sections: list, path: str) -> str:
 def build_pipeline(pipeline, info: dataset_info.DatasetInfo, output_dir: str, residual_threshold: float):
     """Adds the audit to pipeline; its last step writes output_dir/audit_raw.json."""
     cfg = info.config
-    read = pipeline | "ReadShards" >> at.ReadShards(shard_specs(info), cfg)
-    pairs = read.records | "MeasurePairs" >> at.MeasurePairs(cfg)
-    per_image = pairs | "PairsPerImage" >> at.PairsPerImage(cfg.patches_per_image, failed_image_ids(info))
+    read = pipeline | "ReadShards" >> measure.ReadShards(shard_specs(info), cfg)
+    pairs = read.records | "MeasurePairs" >> measure.MeasurePairs(cfg)
+    per_image = pairs | "PairsPerImage" >> statistics.PairsPerImage(cfg.patches_per_image, failed_image_ids(info))
     sections = [
         read.shards | "TagShards" >> beam.Map(lambda s: ("shards", s["split"], s)),
-        pairs | "SplitStatistics" >> at.SplitStatistics(cfg, residual_threshold) | "TagStats" >> beam.Map(_tag("stats")),
-        pairs | "ResidualQuantiles" >> at.ResidualQuantiles() | "TagQuantiles" >> beam.Map(_tag("quantiles")),
+        pairs | "SplitStatistics" >> statistics.SplitStatistics(cfg, residual_threshold)
+        | "TagStats" >> beam.Map(_tag("stats")),
+        pairs | "ResidualQuantiles" >> statistics.ResidualQuantiles() | "TagQuantiles" >> beam.Map(_tag("quantiles")),
         per_image["report"] | "TagImages" >> beam.Map(_tag("images")),
-        per_image["images"] | "Leakage" >> at.Leakage() | "TagLeakage" >> beam.Map(lambda v: ("leakage", None, v)),
-        pairs | "Duplicates" >> at.Duplicates() | "TagDuplicates" >> beam.Map(lambda v: ("duplicates", None, v)),
+        per_image["images"] | "Leakage" >> statistics.Leakage() | "TagLeakage" >> beam.Map(lambda v: ("leakage", None, v)),
+        pairs | "Duplicates" >> statistics.Duplicates() | "TagDuplicates" >> beam.Map(lambda v: ("duplicates", None, v)),
     ]
     return (sections
             | "AllSections" >> beam.Flatten()
@@ -99,7 +103,7 @@ def regroup(sections: list) -> dict:
     for statuses in out["shards"].values():  # arrival order is the runner's; the report's is the index's
         statuses.sort(key=lambda st: st["index"])
     # Leakage and Duplicates combine without defaults (portable): no input, no element; fill the empty result.
-    for section, fn in (("leakage", at.CountAndExamplesFn()), ("duplicates", at.DuplicateGroupsFn())):
+    for section, fn in (("leakage", statistics.CountAndExamplesFn()), ("duplicates", statistics.DuplicateGroupsFn())):
         if out[section] is None:
             out[section] = fn.extract_output(fn.create_accumulator())
     return out
@@ -145,7 +149,7 @@ def audit(data_dir: str, output_dir: str, *, residual_threshold: float = 1.0, ma
         "config": info.raw["config"], "checks": checks, "stats": results["stats"],
         "residual_quantiles": results["quantiles"], "pairs_per_image": results["images"],
         "shards": results["shards"], "leakage": results["leakage"], "duplicates": results["duplicates"],
-        "metrics": runners.counters(result, at.NAMESPACE) or {}, "plots": {},
+        "metrics": runners.counters(result, measure.NAMESPACE) or {}, "plots": {},
     }
     for split, stats in results["stats"].items():
         report["plots"][split] = audit_report.plots(split, stats, info.config, output_dir)

@@ -16,8 +16,10 @@ from absl import flags, logging
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions, TestOptions
 
-from pipeline import cli, dataset_info, runners, schema, shards, transforms
-from pipeline.geometry import PairConfig
+from pipeline.builder import shards, transforms
+from pipeline.dataset import dataset_info, schema
+from pipeline.dataset.geometry import PairConfig
+from pipeline.runtime import cli, runners
 
 
 

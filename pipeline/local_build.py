@@ -4,7 +4,7 @@
                                  [--rho=32 --patch_size=128 --patches_per_image=10 --seed=0 --workers=0 ...]
 
 For a machine that has numpy, OpenCV and protobuf but not Apache Beam (a bare GPU box, a laptop that only
-needs a small build): every shard is written by pipeline.shards.write_shard, as pipeline.build's Beam step
+needs a small build): every shard is written by pipeline.builder.shards.write_shard, as pipeline.build's Beam step
 writes it, so the records, their order, the shard names and dataset_info.json's counts are the same as
 pipeline.build's for the same flags (tests/test_gpu_recipe.py compares them). Local folders only; use
 pipeline.build for gs:// or a cluster. dataset_info.json is written last, atomically, as there.
@@ -17,8 +17,9 @@ import os
 import sys
 import time
 
-from pipeline import dataset_info, schema, shards
-from pipeline.geometry import PairConfig
+from pipeline.builder import shards
+from pipeline.dataset import dataset_info, schema
+from pipeline.dataset.geometry import PairConfig
 
 # Files of ours that --overwrite may remove (the index first: from then on nothing claims a complete dataset).
 _OUR_FILES = (schema.DATASET_INFO + "*", "failed_images-*.jsonl", "*.tfrecord-*-of-*")
@@ -104,7 +105,7 @@ def build(coco_dir: str, output_dir: str, splits: dict, config: PairConfig, *, n
 def _define_flags():
     from absl import flags
 
-    from pipeline import cli
+    from pipeline.runtime import cli
 
     cli.define_dataset_flags("COCO 2017 root (images in <split>/, annotations/ beside); local",
                              "Local folder for the shards, failed_images-*.jsonl and dataset_info.json")
@@ -121,7 +122,7 @@ def parse_splits(text: str) -> dict:
 def main(argv):
     from absl import flags
 
-    from pipeline import cli
+    from pipeline.runtime import cli
 
     f = flags.FLAGS
     if len(argv) > 1:
@@ -143,7 +144,7 @@ def main(argv):
 
 
 def run():
-    from pipeline import cli
+    from pipeline.runtime import cli
 
     cli.run("pipeline.local_build", main, _define_flags)
 

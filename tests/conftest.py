@@ -66,7 +66,7 @@ def synthetic_coco(tmp_path_factory):
 def built_dataset(tmp_path_factory, coco_mini):
     """coco_mini, first 16 images of each split, 4 pairs each: 64 train + 64 validation pairs (rho 32)."""
     from pipeline.build import build
-    from pipeline.geometry import PairConfig
+    from pipeline.dataset.geometry import PairConfig
 
     out = str(tmp_path_factory.mktemp("built") / "ds")
     build(coco_mini, out, {"train": "train2017", "validation": "val2017"},
@@ -80,7 +80,7 @@ def tiny_dataset(tmp_path_factory, coco_mini):
     """coco_mini at a quarter of the scale (32 px patches of 80x60 images, rho 8), 8 images per split x 4 pairs:
     32 train + 32 validation pairs for fast training tests. Tests that damage it work on a copy."""
     from pipeline.build import build
-    from pipeline.geometry import PairConfig
+    from pipeline.dataset.geometry import PairConfig
 
     out = str(tmp_path_factory.mktemp("tiny") / "ds")
     build(coco_mini, out, {"train": "train2017", "validation": "val2017"},

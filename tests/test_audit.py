@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 from apache_beam.testing.util import assert_that, equal_to
 
-from pipeline import audit, audit_transforms as at, dataset_info, geometry, schema
+from pipeline import audit
+from pipeline.auditing import measure, statistics
+from pipeline.dataset import dataset_info, geometry, schema
 from tests.conftest import REPO, textured_image
 
 RUNNER = ["--runner=DirectRunner"]
@@ -37,7 +39,7 @@ def rewrite_shard(data_dir, split, index, change):
     cfg = dataset_info.read(data_dir).config
     path = shard_path(data_dir, split, index)
     with open(path, "rb") as f:
-        records = [schema.decode(r, cfg.patch_size, cfg.channels) for r in at.iter_tfrecords(f)]
+        records = [schema.decode(r, cfg.patch_size, cfg.channels) for r in measure.iter_tfrecords(f)]
     with tf.io.TFRecordWriter(path) as w:
         for i, r in enumerate(records):
             r = change(i, dict(r))
@@ -63,13 +65,13 @@ def test_iter_tfrecords_reads_back_and_names_truncation(tmp_path):
         for p in payloads:
             w.write(p)
     data = (tmp_path / "x.tfrecord").read_bytes()
-    assert list(at.iter_tfrecords(io.BytesIO(data))) == payloads
-    with pytest.raises(at.ShardReadError, match="truncated"):
-        list(at.iter_tfrecords(io.BytesIO(data[:-7])))
+    assert list(measure.iter_tfrecords(io.BytesIO(data))) == payloads
+    with pytest.raises(measure.ShardReadError, match="truncated"):
+        list(measure.iter_tfrecords(io.BytesIO(data[:-7])))
     corrupt = bytearray(data)
     corrupt[14] ^= 0xFF  # inside the first payload
-    with pytest.raises(at.ShardReadError, match="corrupt"):
-        list(at.iter_tfrecords(io.BytesIO(bytes(corrupt))))
+    with pytest.raises(measure.ShardReadError, match="corrupt"):
+        list(measure.iter_tfrecords(io.BytesIO(bytes(corrupt))))
 
 
 @pytest.fixture(scope="module")
@@ -81,10 +83,10 @@ def pair():
 
 
 def test_label_residual_small_for_true_label_large_for_wrong_ones(pair):
-    good, valid = at.label_residual(pair.patch_a, pair.patch_b, pair.offsets, 128)
+    good, valid = measure.label_residual(pair.patch_a, pair.patch_b, pair.offsets, 128)
     assert good < 0.2 and valid > 0.5
-    flipped, _ = at.label_residual(pair.patch_a, pair.patch_b, -pair.offsets, 128)
-    swapped, _ = at.label_residual(pair.patch_b, pair.patch_a, pair.offsets, 128)
+    flipped, _ = measure.label_residual(pair.patch_a, pair.patch_b, -pair.offsets, 128)
+    swapped, _ = measure.label_residual(pair.patch_b, pair.patch_a, pair.offsets, 128)
     assert flipped > 5 and swapped > 5
 
 
@@ -94,29 +96,29 @@ def test_label_residual_colour():
     offsets = geometry.sample_offsets(rng, 32)
     p = geometry.make_pair(image, 40, 60, offsets, 128)
     assert p.patch_a.shape == (128, 128, 3)
-    assert at.label_residual(p.patch_a, p.patch_b, offsets, 128)[0] < 0.2
-    assert at.label_residual(p.patch_a, p.patch_b, -offsets, 128)[0] > 5
+    assert measure.label_residual(p.patch_a, p.patch_b, offsets, 128)[0] < 0.2
+    assert measure.label_residual(p.patch_a, p.patch_b, -offsets, 128)[0] > 5
 
 
 def test_offset_and_corner_problems():
     cfg = geometry.PairConfig()
     ok = np.zeros(8, np.float32)
-    assert at.offset_problem(ok + 32, 32) is None and at.offset_problem(ok - 32, 32) is None
-    assert "rho" in at.offset_problem(np.r_[ok[:7], 32.5], 32)
-    assert "finite" in at.offset_problem(np.r_[ok[:7], np.nan], 32)
-    assert at.corner_problem(geometry.patch_corners(32, 80, 128).ravel(), cfg) is None
-    assert at.corner_problem(geometry.patch_corners(160, 32, 128).ravel(), cfg) is None
-    assert "margins" in at.corner_problem(geometry.patch_corners(31, 40, 128).ravel(), cfg)
-    assert "margins" in at.corner_problem(geometry.patch_corners(40, 81, 128).ravel(), cfg)
-    assert "square" in at.corner_problem(geometry.patch_corners(40, 40, 100).ravel(), cfg)
-    assert "integer" in at.corner_problem(geometry.patch_corners(40.5, 40, 128).ravel(), cfg)
+    assert measure.offset_problem(ok + 32, 32) is None and measure.offset_problem(ok - 32, 32) is None
+    assert "rho" in measure.offset_problem(np.r_[ok[:7], 32.5], 32)
+    assert "finite" in measure.offset_problem(np.r_[ok[:7], np.nan], 32)
+    assert measure.corner_problem(geometry.patch_corners(32, 80, 128).ravel(), cfg) is None
+    assert measure.corner_problem(geometry.patch_corners(160, 32, 128).ravel(), cfg) is None
+    assert "margins" in measure.corner_problem(geometry.patch_corners(31, 40, 128).ravel(), cfg)
+    assert "margins" in measure.corner_problem(geometry.patch_corners(40, 81, 128).ravel(), cfg)
+    assert "square" in measure.corner_problem(geometry.patch_corners(40, 40, 100).ravel(), cfg)
+    assert "integer" in measure.corner_problem(geometry.patch_corners(40.5, 40, 128).ravel(), cfg)
 
 
 def test_moments_and_histogram_merge_like_numpy():
     rng = np.random.default_rng(0)
     x = rng.uniform(-3, 3, size=(101, 2))
-    parts = [at.Moments(2) for _ in range(3)]
-    hists = [at.Histogram(2, np.linspace(-2, 2, 5)) for _ in range(3)]
+    parts = [statistics.Moments(2) for _ in range(3)]
+    hists = [statistics.Histogram(2, np.linspace(-2, 2, 5)) for _ in range(3)]
     for i, v in enumerate(x):
         parts[i % 3].add(v)
         hists[i % 3].add(v)
@@ -138,8 +140,8 @@ def test_leakage_and_pairs_per_image_transforms_alone():
                  for s, ids in (("train", (1, 2, 3)), ("validation", (3, 4))) for i in ids for k in range(2)]
     summaries.append({"split": "validation", "image_id": 4, "patch_index": 5})  # a stray third pair
     with beam.Pipeline("DirectRunner") as p:
-        per_image = p | beam.Create(summaries) | at.PairsPerImage(2, {("train", 2)})
-        assert_that(per_image["images"] | at.Leakage(), equal_to([{"count": 1, "examples": [(3, ["train", "validation"])]}]),
+        per_image = p | beam.Create(summaries) | statistics.PairsPerImage(2, {("train", 2)})
+        assert_that(per_image["images"] | statistics.Leakage(), equal_to([{"count": 1, "examples": [(3, ["train", "validation"])]}]),
                     label="leak")
         report = per_image["report"] | beam.Map(lambda kv: (kv[0], kv[1]["images"], kv[1]["wrong_pairs"]["count"],
                                                               kv[1]["failed_with_pairs"]["count"]))
@@ -253,9 +255,9 @@ def test_image_id_in_two_splits_is_leakage(built_dataset, tmp_path):
     data = copy_dataset(built_dataset, tmp_path)
     cfg = dataset_info.read(data).config
     with open(shard_path(data, "train", 0), "rb") as f:
-        train_id = schema.decode(next(at.iter_tfrecords(f)), cfg.patch_size, cfg.channels)["image_id"]
+        train_id = schema.decode(next(measure.iter_tfrecords(f)), cfg.patch_size, cfg.channels)["image_id"]
     with open(shard_path(data, "validation", 0), "rb") as f:
-        val_id = schema.decode(next(at.iter_tfrecords(f)), cfg.patch_size, cfg.channels)["image_id"]
+        val_id = schema.decode(next(measure.iter_tfrecords(f)), cfg.patch_size, cfg.channels)["image_id"]
     # every pair of one validation image now claims a train image's id: counts stay consistent
     rewrite_shard(data, "validation", 0, lambda i, r: dict(r, image_id=train_id) if r["image_id"] == val_id else r)
     report = run_audit(data, tmp_path)

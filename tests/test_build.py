@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from pipeline import dataset_info, schema
 from pipeline.build import BuildError, build, parse_splits
-from pipeline.geometry import PairConfig, homography_local
+from pipeline.dataset import dataset_info, schema
+from pipeline.dataset.geometry import PairConfig, homography_local
 from tests.conftest import REPO, make_coco_layout, textured_image
 
 DIRECT = ["--runner=DirectRunner"]
@@ -69,7 +69,7 @@ def test_coco_mini_default_build(coco_mini, tmp_path):
 def test_coco_mini_default_build_shards_split_evenly_over_workers(coco_mini, tmp_path, caplog):
     """Automatic shard counts are multiples of 8 (178 images: 8 shards of 22-23 images, never 1 idle
     worker for a lone last shard), and a named DirectRunner runs on Beam's FnApiRunner without trying Prism."""
-    from pipeline.shards import auto_num_shards
+    from pipeline.builder.shards import auto_num_shards
 
     assert [auto_num_shards(n, PairConfig()) for n in (5, 178, 1780, 5340, 40670)] == [5, 8, 16, 32, 200]
     assert all(auto_num_shards(n, PairConfig()) % 8 == 0 for n in range(8, 200000, 997))
@@ -86,7 +86,7 @@ def test_runner_objects():
     from apache_beam.options.pipeline_options import PipelineOptions
     from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 
-    from pipeline import runners
+    from pipeline.runtime import runners
 
     for name in ("DirectRunner", "direct", "apache_beam.runners.direct.direct_runner.SwitchingDirectRunner"):
         assert isinstance(runners.pipeline_runner(PipelineOptions([f"--runner={name}"])), FnApiRunner)
@@ -205,7 +205,7 @@ def test_a_build_that_dies_leaves_no_dataset_info(synthetic_coco, tmp_path, monk
     build(*args, beam_args=DIRECT)
     assert (out / schema.DATASET_INFO).exists()
 
-    from pipeline import geometry
+    from pipeline.dataset import geometry
 
     def explode(*a, **k):
         raise RuntimeError("worker died")

@@ -18,9 +18,11 @@ import psutil
 import pytest
 from apache_beam.io.tfrecordio import _TFRecordUtil
 
-from pipeline import audit, audit_transforms as at, dataset_info, schema
+from pipeline import audit
+from pipeline.auditing import measure
 from pipeline.build import BuildError, build
-from pipeline.geometry import PairConfig
+from pipeline.dataset import dataset_info, schema
+from pipeline.dataset.geometry import PairConfig
 from tests.conftest import REPO, make_coco_layout, textured_image
 
 DIRECT = ["--runner=DirectRunner"]
@@ -34,7 +36,7 @@ def shard_records(data_dir):
     for split in info.splits:
         for path in info.split(split, allow_empty=True).shard_files:
             with open(path, "rb") as f:
-                out[os.path.basename(path)] = list(at.iter_tfrecords(f))
+                out[os.path.basename(path)] = list(measure.iter_tfrecords(f))
     return out
 
 
@@ -227,7 +229,7 @@ def test_unreachable_scheduler_is_refused_before_the_job_with_one_line(module, b
 def test_worker_blind_to_a_path_and_scheduler_without_workers_are_refused(cluster, tmp_path, monkeypatch):
     from apache_beam.options.pipeline_options import PipelineOptions
 
-    from pipeline import runners
+    from pipeline.runtime import runners
 
     # The workers, not the driver, check: a path no worker sees is named with the worker.
     with pytest.raises(runners.RunnerError, match=r"dask worker tcp://127\.0\.0\.1:\d+ cannot see .*/not-mounted"):
@@ -250,7 +252,7 @@ def _damaged(built_dataset, tmp_path):
     cfg = info.config
     path = info.split("train").shard_files[0]
     with open(path, "rb") as f:
-        records = [schema.decode(r, cfg.patch_size, cfg.channels) for r in at.iter_tfrecords(f)]
+        records = [schema.decode(r, cfg.patch_size, cfg.channels) for r in measure.iter_tfrecords(f)]
     with open(path, "wb") as f:
         for r in records:
             _TFRecordUtil.write_record(f, schema.encode(r["patch_a"], r["patch_b"], -r["offsets"], r["corners"],

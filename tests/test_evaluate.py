@@ -10,7 +10,7 @@ import pytest
 import tensorflow as tf
 
 from model import evaluate, report
-from pipeline import dataset_info, schema
+from pipeline.dataset import dataset_info, schema
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -141,7 +141,7 @@ def test_colour_records_have_three_channels_and_the_model_six(sweep):
     import tensorflow as tf
 
     from model import data
-    from pipeline import schema
+    from pipeline.dataset import schema
 
     s, _ = sweep
     result = json.load(open(os.path.join(experiments.variant_dir(s, "colour"), "result.json")))

@@ -3,7 +3,7 @@ import cv2
 import numpy as np
 import pytest
 
-from pipeline import geometry as g
+from pipeline.dataset import geometry as g
 from tests.conftest import textured_image
 
 P = 128

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from pipeline import local_build
-from pipeline.geometry import PairConfig
+from pipeline.dataset.geometry import PairConfig
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SPLITS = {"train": "train2017", "validation": "val2017"}
@@ -93,7 +93,7 @@ def test_bundle_images_build_the_same_records_without_tensorflow_or_beam(coco_mi
     assert png.shape == (240, 320) and png.dtype == np.uint8  # resized grayscale, stored losslessly
     out = tmp_path / "from_bundle"
     done = run_blocked(
-        "from pipeline import local_build\nfrom pipeline.geometry import PairConfig\n"
+        "from pipeline import local_build\nfrom pipeline.dataset.geometry import PairConfig\n"
         f"local_build.build({str(bundle / 'coco')!r}, {str(out)!r}, {SPLITS!r}, PairConfig(patches_per_image=3),"
         " max_images=12, num_shards=3, workers=2, log=None)\n"
         "assert not [m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'apache_beam')]\n")

@@ -1,10 +1,10 @@
-"""The estimators of model.methods in DESIGN.md's convention, on pairs built by pipeline.geometry."""
+"""The estimators of model.methods in DESIGN.md's convention, on pairs built by pipeline.dataset.geometry."""
 import cv2
 import numpy as np
 import pytest
 
 from model import methods
-from pipeline import geometry
+from pipeline.dataset import geometry
 from tests.conftest import textured_image
 
 CONFIG = geometry.PairConfig(patches_per_image=4)

@@ -6,7 +6,7 @@ import pytest
 import tensorflow as tf
 
 from model import data
-from pipeline import dataset_info, schema
+from pipeline.dataset import dataset_info, schema
 
 
 def raw_records(data_dir, split):
@@ -110,7 +110,8 @@ def test_augmented_batches_are_exact_views_of_the_records(built_dataset):
     offsets of that view (which reproduce its patch B from its patch A), and the views vary."""
     import cv2
 
-    from pipeline import geometry, records
+    from pipeline import records
+    from pipeline.dataset import geometry
 
     plain = list(records.batches(built_dataset, "validation", 16))
     seen = set()

@@ -10,7 +10,7 @@ import pytest
 import tensorflow as tf
 
 from model import data, network, run_dir, train
-from pipeline import geometry
+from pipeline.dataset import geometry
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Small and fast on CPU: 32 px patches, rho 8 (identity MACE ~6 px), 32 train + 32 validation pairs.

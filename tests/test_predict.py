@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from model import predict
-from pipeline import geometry
+from pipeline.dataset import geometry
 from tests.conftest import textured_image
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -18,7 +18,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def warped_pair(tmp_path_factory):
     """A (400 x 300) and B (300 x 360), B(v) = A(H_true v), written as PNG files; H_true maps B -> A.
 
-    H_true is built with pipeline.geometry: B's frame is squeezed onto a 256 x 256 square (a pure scale M),
+    H_true is built with pipeline.dataset.geometry: B's frame is squeezed onto a 256 x 256 square (a pure scale M),
     then the 4-point homography of geometry.homography_ab moves that square's corners by up to 24 px
     inside A. The truth is the matrix that made the warp, independent of predict's resizing.
     """

@@ -1,4 +1,4 @@
-"""pipeline.records / pipeline.tf_example: the shards written and read without TensorFlow, checked
+"""pipeline.records / pipeline.dataset.tf_example: the shards written and read without TensorFlow, checked
 against TensorFlow's own Example, TFRecord writer and tf.data reader on every record of a coco_mini build."""
 import io
 import json
@@ -12,8 +12,9 @@ import textwrap
 import numpy as np
 import pytest
 
-from pipeline import records, schema, tf_example
-from pipeline.dataset_info import DatasetError
+from pipeline import records
+from pipeline.dataset import schema, tf_example
+from pipeline.dataset.dataset_info import DatasetError
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 KEYS = (schema.PATCH_A, schema.PATCH_B, schema.OFFSETS, schema.CORNERS, schema.IMAGE_ID, schema.PATCH_INDEX)
@@ -23,7 +24,7 @@ KEYS = (schema.PATCH_A, schema.PATCH_B, schema.OFFSETS, schema.CORNERS, schema.I
 def mini_build(tmp_path_factory, coco_mini):
     """Every image of coco_mini (178 train + 50 validation), 2 pairs each, 3 shards per split."""
     from pipeline.build import build
-    from pipeline.geometry import PairConfig
+    from pipeline.dataset.geometry import PairConfig
 
     out = str(tmp_path_factory.mktemp("records") / "ds")
     build(coco_mini, out, {"train": "train2017", "validation": "val2017"}, PairConfig(patches_per_image=2),

@@ -9,7 +9,8 @@ import textwrap
 import numpy as np
 import pytest
 
-from pipeline import records, schema
+from pipeline import records
+from pipeline.dataset import schema
 from tests.test_records import hide_packages
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -32,7 +33,7 @@ def test_model_inputs_equal_model_data(built_dataset):
 
 
 def test_pydataset_evaluation_order_and_training_stream(built_dataset):
-    from pipeline.records_keras import RecordsPyDataset
+    from pipeline.reader.keras_dataset import RecordsPyDataset
 
     ordered = list(records.batches(built_dataset, "validation", 24))
     val = RecordsPyDataset(built_dataset, "validation", 24, training=False)
@@ -65,7 +66,7 @@ def test_keras_fit_evaluate_predict_on_torch_backend_without_tensorflow(built_da
     code = textwrap.dedent(f"""
         import numpy as np, keras
         from pipeline import records
-        from pipeline.records_keras import RecordsPyDataset
+        from pipeline.reader.keras_dataset import RecordsPyDataset
         assert keras.backend.backend() == "torch"
         train = RecordsPyDataset({built_dataset!r}, "train", 16, training=True, seed=0)
         val = RecordsPyDataset({built_dataset!r}, "validation", 24, training=False)
@@ -89,7 +90,7 @@ def test_torch_iterable_dataset_workers_read_each_record_once(built_dataset):
     import torch
     from torch.utils.data import DataLoader
 
-    from pipeline.records_torch import RecordsIterableDataset
+    from pipeline.reader.torch_dataset import RecordsIterableDataset
 
     everything = sorted(_ids(records.batches(built_dataset, "train", 64)))
     ds = RecordsIterableDataset(built_dataset, "train", 8, shuffle=True, seed=0, shuffle_buffer=16)

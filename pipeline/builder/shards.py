@@ -1,6 +1,6 @@
 """What one shard of a split holds, without Beam: the runner-independent half of the builder.
 
-The Beam builder (pipeline.build, through pipeline.transforms) and the local builder (pipeline.local_build,
+The Beam builder (pipeline.build, through pipeline.builder.transforms) and the local builder (pipeline.local_build,
 for machines without Beam) both go through these functions, so they write the same bytes:
   assign_shards   which images go to which shard (round robin over the id-sorted listing)
   image_pairs     one image -> its serialised records, in patch order
@@ -13,7 +13,9 @@ import math
 
 import cv2
 
-from pipeline import coco, dataset_info, geometry, records, schema
+from pipeline.builder import coco
+from pipeline.dataset import dataset_info, geometry, schema
+from pipeline.reader import framing
 
 MIN_SHARDS = 8
 TARGET_SHARD_BYTES = 64 * 2**20  # ~64 MiB a shard: enough files to interleave, few enough to list
@@ -118,7 +120,7 @@ def write_shard(writer, images: list, config: geometry.PairConfig, split: str, r
                 on_image(record, e)
             continue
         for s in serialized:
-            records.write_record(writer, s)
+            framing.write_record(writer, s)
         count += len(serialized)
         used += 1
         if on_image:

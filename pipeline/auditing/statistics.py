@@ -1,209 +1,29 @@
-"""The Beam steps of the dataset audit, each a named composite transform that can be tested alone.
+"""The audit's statistics: Beam steps from per-pair summaries (pipeline/auditing/measure.py) to the report.
 
-  ReadShards        shard specs -> (split, decoded record); tagged output 'shards': one status per shard
-                    (records read vs dataset_info.json, read/parse error such as a truncated shard)
-  MeasurePairs      (split, record) -> small per-pair summary (no pixels): label residual, flags, moments
   SplitStatistics   summaries -> (split, stats) through one streaming CombineFn (memory flat)
   ResidualQuantiles summaries -> (split, 101 approximate percentiles of the label residual)
   PairsPerImage     summaries -> (split, per-image counts report) and the per-image keys for Leakage
   Leakage           per-image keys -> image ids found in more than one split
   Duplicates        summaries -> identical patch_a (by hash), within and across splits
 
-Everything downstream of ReadShards holds per-pair summaries of a few hundred bytes, combined with
-CombineFns (combiner lifting), so no step ever collects records or patches in memory.
+Every step holds per-pair summaries of a few hundred bytes, combined with CombineFns (combiner lifting),
+so no step ever collects records or patches in memory.
 
-Portable subset, as in the builder: one output per ParDo (ReadShards splits its union output with two
-Maps), no side inputs (CombineGlobally without defaults; the driver supplies the empty result), so
-Beam 2.77's DaskRunner runs it too. DaskRunner lifts no combiner: each CombinePerKey gathers its group.
+Portable subset, as in the builder: no side inputs (CombineGlobally without defaults; the driver supplies
+the empty result), so Beam 2.77's DaskRunner runs it too. DaskRunner lifts no combiner: each
+CombinePerKey gathers its group.
 """
 from __future__ import annotations
 
-import hashlib
-import logging
-import typing
-
 import apache_beam as beam
-import cv2
 import numpy as np
-from apache_beam.io.filesystem import CompressionTypes
-from apache_beam.io.filesystems import FileSystems
-from apache_beam.metrics import Metrics
 
-from pipeline import geometry, schema
-from pipeline.records import CorruptShardError, read_framed  # the builder's TFRecord framing
+from pipeline.dataset import geometry
 
-NAMESPACE = "homography_audit"
 OFFSET_BINS = 32
 RESIDUAL_EDGES = np.concatenate([[0.0], np.logspace(-3, np.log10(256.0), 49)])  # [0, 1e-3) holds exact zeros
 NEAR_CONSTANT_STD = 2.0  # grey levels: a patch with less spread than this has no usable texture
 MAX_EXAMPLES = 5
-
-
-# ---------------------------------------------------------------- TFRecord framing, with errors as values
-
-class ShardReadError(ValueError):
-    """A shard that cannot be read to its end (truncated, corrupt, or unparsable record)."""
-
-
-def iter_tfrecords(f):
-    """Yields the payloads of a TFRecord stream, read and crc-checked by the builder's own framing code
-    (pipeline.records); raises ShardReadError naming the record, its byte offset and the kind of damage."""
-    index = 0
-    try:
-        for data in read_framed(f):
-            index += 1
-            yield data
-    except CorruptShardError as e:
-        kind = "truncated" if e.truncated else "corrupt (checksum mismatch)"
-        raise ShardReadError(f"{kind} at record {index}, byte offset {e.offset} ({e.problem})") from e
-
-
-class _ReadShardFn(beam.DoFn):
-    def __init__(self, config: geometry.PairConfig):
-        self._config = config
-        self._records = Metrics.counter(NAMESPACE, "records_read")
-        self._shards = Metrics.counter(NAMESPACE, "shards_read")
-        self._errors = Metrics.counter(NAMESPACE, "shard_errors")
-
-    def process(self, spec):
-        cfg, count, error = self._config, 0, None
-        split_counter = Metrics.counter(NAMESPACE, f"{spec['split']}_records_read")
-        try:
-            with FileSystems.open(spec["path"], compression_type=CompressionTypes.UNCOMPRESSED) as f:
-                for data in iter_tfrecords(f):
-                    try:
-                        record = schema.decode(data, cfg.patch_size, cfg.channels)
-                    except Exception as e:  # a record that is not our schema is a damaged shard
-                        raise ShardReadError(f"record {count} does not parse: {type(e).__name__}: {e}") from e
-                    count += 1
-                    self._records.inc()
-                    split_counter.inc()
-                    yield "record", (spec["split"], record)
-        except (ShardReadError, OSError) as e:
-            error = str(e) or type(e).__name__
-            self._errors.inc()
-            logging.error("audit: %s shard %s: %s", spec["split"], spec["file"], error)
-        self._shards.inc()
-        logging.info("audit: read %s shard %d: %d records (%d listed)%s", spec["split"], spec["index"], count,
-                     spec["expected"], f", ERROR: {error}" if error else "")
-        yield "shard", dict(spec, read=count, error=error)
-
-
-def _of_kind(kind):
-    return lambda item: [item[1]] if item[0] == kind else []
-
-
-class ReadShards(beam.PTransform):
-    """Shard specs {split, index, file, path, expected} -> .records: (split, record); .shards: one status each."""
-
-    def __init__(self, specs: list, config: geometry.PairConfig):
-        super().__init__()
-        self._specs = specs
-        self._config = config
-
-    def expand(self, pbegin):
-        both = (pbegin
-                | "ListShards" >> beam.Create(self._specs)  # reshuffles: shards spread over workers
-                | "Read" >> beam.ParDo(_ReadShardFn(self._config)))
-        return ReadOutputs(records=both | "Records" >> beam.FlatMap(_of_kind("record")),
-                           shards=both | "Shards" >> beam.FlatMap(_of_kind("shard")))
-
-
-class ReadOutputs(typing.NamedTuple):
-    records: beam.PCollection  # (split, record)
-    shards: beam.PCollection   # one status dict per shard
-
-
-# ---------------------------------------------------------------- per-pair measures (pure functions)
-
-def offset_problem(offsets: np.ndarray, rho: float) -> str | None:
-    """None when all 8 offsets are finite and within [-rho, rho]."""
-    o = np.asarray(offsets, np.float64)
-    if o.shape != (8,) or not np.all(np.isfinite(o)):
-        return f"offsets not 8 finite values: {o.tolist()}"
-    worst = float(np.max(np.abs(o)))
-    return None if worst <= rho else f"|offset| {worst:.3f} > rho {rho}"
-
-
-def corner_problem(corners: np.ndarray, config: geometry.PairConfig) -> str | None:
-    """None when corners are a P x P square at an integer top-left inside DESIGN.md's margins."""
-    c = np.asarray(corners, np.float64)
-    if c.shape != (8,) or not np.all(np.isfinite(c)):
-        return f"corners not 8 finite values: {c.tolist()}"
-    x, y = c[0], c[1]
-    if np.max(np.abs(c.reshape(4, 2) - geometry.patch_corners(x, y, config.patch_size))) > 1e-3:
-        return f"corners {c.tolist()} are not a {config.patch_size}x{config.patch_size} square"
-    if x != round(x) or y != round(y):
-        return f"top-left ({x}, {y}) is not integer"
-    p, r = config.patch_size, config.rho
-    if not (r <= x <= config.image_width - p - r and r <= y <= config.image_height - p - r):
-        return (f"top-left ({x:g}, {y:g}) outside margins x in [{r}, {config.image_width - p - r}], "
-                f"y in [{r}, {config.image_height - p - r}]")
-    return None
-
-
-def label_residual(patch_a: np.ndarray, patch_b: np.ndarray, offsets: np.ndarray, patch_size: int):
-    """Mean |warp(A, H_local) - B| over the eroded valid region, and the valid share of the patch.
-
-    patch_B(v) = patch_A(H_local v) (DESIGN.md step 5): OpenCV's dst -> src map with WARP_INVERSE_MAP.
-    Returns (255.0, 0.0) when the label gives no usable region (degenerate or non-finite offsets).
-    """
-    p = patch_size
-    try:
-        h = geometry.homography_local(np.asarray(offsets, np.float32), p)
-        if not np.all(np.isfinite(h)):
-            return 255.0, 0.0
-        flags = cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP
-        pred = cv2.warpPerspective(patch_a, h, (p, p), flags=flags)
-        mask = cv2.warpPerspective(np.ones((p, p), np.uint8), h, (p, p), flags=cv2.INTER_NEAREST | cv2.WARP_INVERSE_MAP)
-    except cv2.error:
-        return 255.0, 0.0
-    mask = cv2.erode(mask, np.ones((3, 3), np.uint8)) > 0  # drop the bilinear fringe at A's border
-    if not mask.any():
-        return 255.0, 0.0
-    diff = np.abs(pred.reshape(p, p, -1).astype(np.float32) - patch_b.astype(np.float32))[mask]
-    return float(diff.mean()), float(mask.mean())
-
-
-def measure_pair(split: str, record: dict, config: geometry.PairConfig) -> dict:
-    """The small summary of one pair that every statistic is combined from (no pixels kept)."""
-    a, b = record[schema.PATCH_A], record[schema.PATCH_B]
-    offsets, corners = record[schema.OFFSETS], record[schema.CORNERS]
-    residual, valid = label_residual(a, b, offsets, config.patch_size)
-    return {
-        "split": split, "image_id": record[schema.IMAGE_ID], "patch_index": record[schema.PATCH_INDEX],
-        "offsets": np.asarray(offsets, np.float64),
-        "top_left": np.asarray(corners[:2], np.float64),
-        "offset_problem": offset_problem(offsets, config.rho),
-        "corner_problem": corner_problem(corners, config),
-        "residual": residual, "valid_share": valid,
-        "image": np.array([a.mean(), a.std(), b.mean(), b.std()], np.float64),
-        "pixels": np.stack([np.bincount(a.ravel(), minlength=256), np.bincount(b.ravel(), minlength=256)]),
-        "hash": hashlib.blake2b(a.tobytes(), digest_size=16).hexdigest(),
-    }
-
-
-class _MeasureFn(beam.DoFn):
-    def __init__(self, config):
-        self._config = config
-
-    def setup(self):
-        cv2.setNumThreads(1)
-
-    def process(self, element):
-        split, record = element
-        yield measure_pair(split, record, self._config)
-
-
-class MeasurePairs(beam.PTransform):
-    """(split, record) -> per-pair summary dict (see measure_pair)."""
-
-    def __init__(self, config: geometry.PairConfig):
-        super().__init__()
-        self._config = config
-
-    def expand(self, pcoll):
-        return pcoll | "Measure" >> beam.ParDo(_MeasureFn(self._config))
 
 
 # ---------------------------------------------------------------- streaming accumulators

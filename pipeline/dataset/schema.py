@@ -7,14 +7,14 @@ One tf.train.Example per pair:
   image_id         : int64, COCO image id
   patch_index      : int64, 0 .. patches_per_image - 1
 
-encode/decode need no TensorFlow (pipeline.tf_example: the Example message in protobuf's runtime, the
+encode/decode need no TensorFlow (pipeline.dataset.tf_example: the Example message in protobuf's runtime, the
 same bytes as tf.train.Example); feature_spec/parse_batch, the tf.data path, import it when called.
 """
 from __future__ import annotations
 
 import numpy as np
 
-from pipeline import tf_example
+from pipeline.dataset import tf_example
 
 PATCH_A = "patch_a"
 PATCH_B = "patch_b"

@@ -23,7 +23,7 @@ import json
 import os
 import posixpath
 
-from pipeline import schema
+from pipeline.dataset import schema
 
 FORMAT_VERSION = 1
 
@@ -71,7 +71,7 @@ class SplitInfo:
 @dataclasses.dataclass(frozen=True)
 class DatasetInfo:
     data_dir: str
-    config: "PairConfig"  # pipeline.geometry's, imported when an index is read (it loads OpenCV)
+    config: "PairConfig"  # pipeline.dataset.geometry's, imported when an index is read (it loads OpenCV)
     raw: dict
 
     @property
@@ -98,7 +98,7 @@ def read(data_dir: str) -> DatasetInfo:
     if not exists(path):
         raise DatasetError(f"no {schema.DATASET_INFO} in {data_dir}: not a built dataset "
                            f"(build one with: python -m pipeline.build --coco_dir=... --output_dir={data_dir})")
-    from pipeline.geometry import PairConfig
+    from pipeline.dataset.geometry import PairConfig
 
     try:
         with open_read(path) as f:

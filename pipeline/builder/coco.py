@@ -18,7 +18,7 @@ import zlib
 
 import cv2
 import numpy as np
-from pipeline.dataset_info import join
+from pipeline.dataset.dataset_info import join
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 

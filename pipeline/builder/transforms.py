@@ -25,8 +25,9 @@ import cv2
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
-from pipeline import dataset_info, geometry, shards
-from pipeline.shards import assign_shards, shard_name  # noqa: F401 (the steps' vocabulary, used by tests)
+from pipeline.builder import shards
+from pipeline.builder.shards import assign_shards, shard_name  # noqa: F401 (the steps' vocabulary, used by tests)
+from pipeline.dataset import dataset_info, geometry
 
 NAMESPACE = "homography"
 
@@ -80,7 +81,7 @@ class _WriteShardFn(beam.DoFn):
         file_name = shard_name(self._name, self._split, shard, self._num_shards)
         t0 = t_image = time.time()
 
-        def on_image(record, error):  # Beam metrics per image; the shard itself is pipeline.shards' work
+        def on_image(record, error):  # Beam metrics per image; the shard itself is pipeline.builder.shards' work
             nonlocal t_image
             if error:
                 Metrics.counter(NAMESPACE, f"{self._split}_images_failed_{error.reason}").inc()

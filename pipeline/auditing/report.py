@@ -16,7 +16,7 @@ import json
 import numpy as np
 from apache_beam.io.filesystems import FileSystems
 
-from pipeline import dataset_info
+from pipeline.dataset import dataset_info
 
 HARD, SOFT = True, False
 UNIFORMITY_ALPHA = 1e-3   # family-wise, Bonferroni over the 8 coordinates

@@ -50,7 +50,7 @@ def define_dataset_flags(coco_dir_help: str, output_dir_help: str) -> None:
 
 def pair_config_from_flags():
     """The PairConfig that define_dataset_flags' flags describe."""
-    from pipeline.geometry import PairConfig
+    from pipeline.dataset.geometry import PairConfig
 
     f = flags.FLAGS
     return PairConfig(patch_size=f.patch_size, rho=f.rho, image_width=f.image_width, image_height=f.image_height,

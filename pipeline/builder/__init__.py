@@ -1,0 +1,1 @@
+"""The build steps: COCO listing and decoding, the Beam transforms, the shard writer."""
