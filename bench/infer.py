@@ -26,7 +26,9 @@ def main(argv):
     del argv
     import cv2
 
-    from model import data, methods, network
+    from model import network
+    from model.estimators import methods
+    from model.training import data
 
     work = pathlib.Path(tempfile.mkdtemp(prefix="bench_infer_"))
     data_dir = dataset_dir(FLAGS.data_dir, work)

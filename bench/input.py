@@ -6,7 +6,7 @@ The default data is coco_mini built at rho 32 (1,780 training pairs, read over a
 pass the shards are in the page cache, as they are for a GPU box with enough RAM). Variants, measured in
 the same run: the project's make_dataset (batch, then parse the whole batch at once), the same with
 records parsed one at a time before batching (the usual tutorial pipeline), the same with the two
-patches stacked by tf.concat (before the uint16 bitcast of model.data), and without shuffling; beside
+patches stacked by tf.concat (before the uint16 bitcast of model.training.data), and without shuffling; beside
 them the project's TensorFlow-free reader (pipeline.records: shuffled, repeated, full batches, the same
 normalised (inputs, labels) through records.model_inputs), in-process and with worker processes.
 """
@@ -40,7 +40,7 @@ def per_record_dataset(data_dir: str, batch_size: int):
     """A 'before': parse and normalise each record, then batch (one parse_example call per record)."""
     import tensorflow as tf
 
-    from model import data
+    from model.training import data
     from pipeline.dataset import schema
 
     cfg = data.dataset_config(data_dir, "train")
@@ -58,7 +58,7 @@ def channel_concat_dataset(data_dir: str, batch_size: int):
     """A 'before': make_dataset with the patches stacked by tf.concat on the channel axis."""
     import tensorflow as tf
 
-    from model import data
+    from model.training import data
     from pipeline.dataset import schema
 
     cfg = data.dataset_config(data_dir, "train")
@@ -74,7 +74,7 @@ def channel_concat_dataset(data_dir: str, batch_size: int):
 
 def reader_rate(data_dir: str, batch_size: int, batches: int, workers: int, normalise: bool = True) -> float:
     """pipeline.records (no TensorFlow): shuffle buffer of 10,000 like make_dataset, full batches."""
-    from model import data
+    from model.training import data
     from pipeline import records
 
     source = records.open_split(data_dir, "train")
@@ -89,7 +89,7 @@ def reader_rate(data_dir: str, batch_size: int, batches: int, workers: int, norm
 
 def main(argv):
     del argv
-    from model import data
+    from model.training import data
 
     work = pathlib.Path(tempfile.mkdtemp(prefix="bench_input_"))
     data_dir = dataset_dir(FLAGS.data_dir, work)

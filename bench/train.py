@@ -30,7 +30,8 @@ def main(argv):
     import keras
     import tensorflow as tf
 
-    from model import data, network
+    from model import network
+    from model.training import data
 
     work = pathlib.Path(tempfile.mkdtemp(prefix="bench_train_"))
     data_dir = dataset_dir(FLAGS.data_dir, work)
@@ -59,7 +60,7 @@ def main(argv):
 
 
 def _rates(model, keras, tf, data_dir, b):
-    from model import data
+    from model.training import data
 
     optimizer = keras.optimizers.SGD(0.005, momentum=0.9)
 

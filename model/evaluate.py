@@ -4,10 +4,10 @@
                            [--methods=identity,orb,sift,ecc,network] [--max_pairs=N] [--num_visualizations=6]
 
 Without --model_dir only the classical methods run. Pairs are streamed in the dataset's order (one
-deterministic pass through model.data.parsed_batches: tf.data on Keras's TensorFlow backend, the
+deterministic pass through model.training.data.parsed_batches: tf.data on Keras's TensorFlow backend, the
 TensorFlow-free reader otherwise); a damaged shard stops it with one line naming the shard and byte offset
-(model.data.DamagedShardError). Only the predictions and the few pairs to draw are
-kept, so a split of any size fits in memory. Writes to output_dir (see model/report.py):
+(model.training.data.DamagedShardError). Only the predictions and the few pairs to draw are
+kept, so a split of any size fits in memory. Writes to output_dir (see model/evaluation/report.py):
 mace_report.json, mace_report.md, mace_bar.png, mace_histograms.png, pair_<k>.png.
 """
 from __future__ import annotations
@@ -21,8 +21,8 @@ import time
 import numpy as np
 from absl import flags, logging
 
-from model import methods as methods_lib
-from model import report as report_lib
+from model.estimators import methods as methods_lib
+from model.evaluation import report as report_lib
 from pipeline.dataset import geometry
 from pipeline.runtime import cli
 
@@ -133,9 +133,9 @@ def evaluate(data_dir: str, split: str, output_dir: str, *, model_dir: str | Non
              batch_size: int = 64, log_every: int = 100, command: str | None = None) -> dict:
     """Runs every method on the split's pairs, writes the report files, returns the report dict.
 
-    Raises model.data.DatasetError (missing index, unknown or empty split) or EvaluationError.
+    Raises model.training.data.DatasetError (missing index, unknown or empty split) or EvaluationError.
     """
-    from model import data
+    from model.training import data
 
     cfg = data.dataset_config(data_dir, split)
     names = check_methods(list(methods) if methods else default_methods(bool(model_dir)), bool(model_dir))
@@ -267,7 +267,7 @@ def main(argv):
         return _fail(f"unexpected arguments: {' '.join(argv[1:])}")
     if not FLAGS.data_dir or not FLAGS.output_dir:
         return _fail("--data_dir and --output_dir are required")
-    from model.data import DatasetError
+    from model.training.data import DatasetError
 
     try:
         report = evaluate(FLAGS.data_dir, FLAGS.split, FLAGS.output_dir, model_dir=FLAGS.model_dir,

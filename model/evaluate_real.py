@@ -4,15 +4,15 @@
                                 [--methods=identity,orb,sift,ecc,network] [--direction_check=refuse|warn|off]
                                 [--nofigures]
 
-DIR is one sequence or a folder of sequences (layouts: model/real_pairs.py). For each pair (1, k) every
+DIR is one sequence or a folder of sequences (layouts: model/evaluation/real_pairs.py). For each pair (1, k) every
 method estimates H_1_k at the images' own resolution: the classical methods on the full images (ECC on a
 copy at most 320 px long), the network through model.predict (both photos squeezed to its P x P input,
 H = S_a^-1 . H_local . S_b with A = image k, B = image 1); sift_or_network takes SIFT's H where SIFT finds a
 plausible one and the network's elsewhere. The score is the mean corner error of image 1
-mapped into image k (model.real_pairs.corner_error). A method that fails falls back to the identity; the
+mapped into image k (model.evaluation.real_pairs.corner_error). A method that fails falls back to the identity; the
 pair keeps that error and the failure is counted.
 
-Before any method runs, each ground truth is checked for its direction (model.real_pairs.direction_scores):
+Before any method runs, each ground truth is checked for its direction (model.evaluation.real_pairs.direction_scores):
 a sequence whose files align the images clearly better inverted or transposed is refused (or, with
 --direction_check=warn, evaluated as given and flagged in the report).
 
@@ -27,9 +27,9 @@ import time
 import numpy as np
 from absl import flags, logging
 
-from model import methods as methods_lib
-from model import real_pairs
-from model.real_pairs import RealPairsError
+from model.estimators import methods as methods_lib
+from model.evaluation import real_pairs
+from model.evaluation.real_pairs import RealPairsError
 from pipeline.runtime import cli
 
 KNOWN_METHODS = methods_lib.CLASSICAL + ("network", "sift_or_network")
@@ -162,7 +162,7 @@ def evaluate_real(pairs_dir: str, output_dir: str, *, methods: list | None = Non
                                      "methods": _summaries([p for p in pairs if p["sequence"] == s.name], names)}
                             for s in sequences},
               "pairs": pairs}
-    from model import real_report  # matplotlib only when writing
+    from model.evaluation import real_report  # matplotlib only when writing
 
     real_report.write(report, output_dir, figures)
     return report

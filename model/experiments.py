@@ -7,7 +7,7 @@ learning, transfer from our own network, colour input; one report.
                               [--architecture=homographynet|compact] [--bn_momentum=0.99]
                               [any Beam flag, e.g. --direct_num_workers]
 
-What runs is in model/experiments_plan.py (scales, variants), the report in model/experiments_report.py.
+What runs is in model/sweep/plan.py (scales, variants), the report in model/sweep/report.py.
 --architecture=compact puts the compact network (model.network.build_compact) in every HomographyNet
 variant; each run records it in config.json as model.train does. Everything goes through the project's library functions (pipeline.build.build, model.train.train,
 model.evaluate.evaluate). Layout of EXP:
@@ -34,11 +34,12 @@ import time
 
 from absl import flags, logging
 
-from model import experiments_report, network
-from model.experiments_plan import (SCALES, VARIANTS, VARIANTS_BY_NAME, ExperimentError, Scale,  # noqa: F401
-                                    Settings, Variant, select)
-from model.experiments_report import (ABLATION, ABLATION_PLOT, CLASSICAL_METHODS, REPORT_JSON,  # noqa: F401
-                                      REPORT_MD, RHO_PLOT, TRANSFER_PLOT, markdown)
+from model import network
+from model.sweep import report as experiments_report
+from model.sweep.plan import (SCALES, VARIANTS, VARIANTS_BY_NAME, ExperimentError, Scale,  # noqa: F401
+                              Settings, Variant, select)
+from model.sweep.report import (ABLATION, ABLATION_PLOT, CLASSICAL_METHODS, REPORT_JSON,  # noqa: F401
+                                REPORT_MD, RHO_PLOT, TRANSFER_PLOT, markdown)
 from pipeline.runtime import cli
 
 LOG_FILE = "experiments.log.jsonl"
@@ -324,9 +325,9 @@ def _fail(message: str) -> int:
 def main(argv):
     if not FLAGS.coco_dir or not FLAGS.output_dir:
         return _fail("--coco_dir and --output_dir are required")
-    from model.data import DatasetError
     from model.evaluate import EvaluationError
     from model.train import Diverged, TrainError
+    from model.training.data import DatasetError
     from pipeline.build import BuildError
 
     t0 = time.time()

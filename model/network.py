@@ -1,6 +1,6 @@
 """HomographyNet (DeTone et al. 2016), regression head, in plain Keras 3 layers (backend-agnostic).
 
-Input: (P, P, 2C) = patch A and patch B stacked on channels, normalised by model.data.normalize.
+Input: (P, P, 2C) = patch A and patch B stacked on channels, normalised by model.training.data.normalize.
 Output: 8 linear values = offsets / rho ((dx, dy) for TL, TR, BR, BL).
 """
 from __future__ import annotations
@@ -11,7 +11,7 @@ import os
 import keras
 import numpy as np
 
-from model import data
+from model.training import data
 
 CONV_FILTERS = (64, 64, 64, 64, 128, 128, 128, 128)
 POOL_AFTER = (2, 4, 6)  # 2x2 max-pool after these convolutions (1-based)
@@ -205,7 +205,7 @@ def load(model_dir: str):
     path = os.path.join(model_dir, MODEL_FILE)
     if os.path.exists(path):
         return keras.models.load_model(path), config
-    from model import run_dir  # checkpoints: Keras weights files, either backend
+    from model.training import run_dir  # checkpoints: Keras weights files, either backend
 
     latest = run_dir.latest_checkpoint(model_dir)
     if latest is None:

@@ -24,7 +24,7 @@ x' = sx (x + 1/2) - 1/2), the homography between the original images is
 training, so a whole photo squeezed to 128 x 128 is a different (coarser) input; it still works while the
 motion between the photos is within about rho of the resized frame. The classical methods run on the
 same resized images so that the comparison is fair, and predict_homography below is the same code path
-that model.evaluate scores (model.methods).
+that model.evaluate scores (model.estimators.methods).
 """
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ import cv2
 import numpy as np
 from absl import flags
 
-from model import methods as methods_lib
+from model.estimators import methods as methods_lib
 from pipeline.builder import coco
 from pipeline.dataset import geometry
 from pipeline.runtime import cli

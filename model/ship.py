@@ -35,7 +35,7 @@ class ShipError(ValueError):
 
 
 def _read_report(report_dir: str) -> dict:
-    from model import report as report_lib
+    from model.evaluation import report as report_lib
 
     path = os.path.join(report_dir, report_lib.JSON_FILE)
     if not os.path.exists(path):
@@ -120,7 +120,7 @@ def card(config: dict, history: list, report: dict, device: str, parameters: int
         lines.append(f"| {label} | {m['mean_mace']} | {m['median_mace']} | {m['p90_mace']} | {m['failures']} | "
                      f"{1000 * m['seconds_per_pair']:.2f} |")
     lines += ["", "Identity is the error of predicting no motion (expected 0.765 x rho). The classical methods "
-              "run on the same pairs (model/methods.py); a failed estimate counts as the identity."]
+              "run on the same pairs (model/estimators/methods.py); a failed estimate counts as the identity."]
     if "network_tta" in report["methods"]:
         lines += ["network_tta runs these weights on the 8 flips and transposes of each pair, maps each estimate "
                   "back to the pair's frame exactly (pipeline/dataset/geometry.py: view_offsets) and averages the corners: "

@@ -9,14 +9,15 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from model import evaluate, report
+from model import evaluate
+from model.evaluation import report
 from pipeline.dataset import dataset_info, schema
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def raw_offsets(data_dir, split, n):
-    """The first n labels of a split, read shard by shard with schema.decode: not through model.data."""
+    """The first n labels of a split, read shard by shard with schema.decode: not through model.training.data."""
     info = dataset_info.read(data_dir)
     c = info.config
     out = []
@@ -128,7 +129,8 @@ def tiny_run(built_dataset, tmp_path_factory):
 
 
 def test_network_is_evaluated_batched(built_dataset, tiny_run, tmp_path):
-    from model import methods, network
+    from model import network
+    from model.estimators import methods
 
     result = evaluate.evaluate(built_dataset, "validation", str(tmp_path), model_dir=tiny_run,
                                max_pairs=20, num_visualizations=1, batch_size=8)
@@ -137,7 +139,7 @@ def test_network_is_evaluated_batched(built_dataset, tiny_run, tmp_path):
     assert net["num_pairs"] == 20 and net["failure_rate"] == 0 and np.isfinite(net["mean_mace"])
     assert result["model"]["model_dir"] == tiny_run and result["model"]["rho"] == 32
     # The report's network MACE is the MACE of model.network.predict_offsets on the same pairs.
-    from model import data
+    from model.training import data
     batch = next(iter(data.read_batches(built_dataset, "validation", 20)))
     model, run = network.load(tiny_run)
     pred = methods.network_offsets(model, batch["patch_a"].numpy(), batch["patch_b"].numpy(), run["rho"])

@@ -9,8 +9,9 @@ import cv2
 import numpy as np
 import pytest
 
-from model import evaluate_real, real_pairs, real_report
-from model.real_pairs import RealPairsError
+from model import evaluate_real
+from model.evaluation import real_pairs, real_report
+from model.evaluation.real_pairs import RealPairsError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BOAT = os.path.join(os.path.dirname(REPO), "shared", "data", "real_pairs", "boat")

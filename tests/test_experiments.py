@@ -140,7 +140,7 @@ def test_mobilenet_towers_frozen_layers_unchanged(sweep):
 def test_colour_records_have_three_channels_and_the_model_six(sweep):
     import tensorflow as tf
 
-    from model import data
+    from model.training import data
     from pipeline.dataset import schema
 
     s, _ = sweep

@@ -1,9 +1,9 @@
-"""The estimators of model.methods in DESIGN.md's convention, on pairs built by pipeline.dataset.geometry."""
+"""The estimators of model.estimators.methods in DESIGN.md's convention, on pairs built by pipeline.dataset.geometry."""
 import cv2
 import numpy as np
 import pytest
 
-from model import methods
+from model.estimators import methods
 from pipeline.dataset import geometry
 from tests.conftest import textured_image
 
@@ -96,7 +96,7 @@ class _OracleNetwork:
     test-time augmentation must give back the truth exactly, and anything but the exact map-back fails."""
 
     def __init__(self, pairs, rho):
-        from model import data
+        from model.training import data
 
         self.table = {}
         a = np.stack([p.patch_a for p in pairs])

@@ -1,11 +1,11 @@
-"""model/data.py: shapes, dtypes, normalisation, labels = offsets / rho for known records, clear errors."""
+"""model/training/data.py: shapes, dtypes, normalisation, labels = offsets / rho for known records, clear errors."""
 import json
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from model import data
+from model.training import data
 from pipeline.dataset import dataset_info, schema
 
 

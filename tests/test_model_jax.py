@@ -61,7 +61,7 @@ pred = predict.predict_homography(image, image, "network", patch_size=config["pa
                                   rho=config["rho"])
 out["predict_ok"] = bool(pred.ok and np.isfinite(pred.homography).all())
 # a shard cut while training runs: named, after a checkpoint of the last completed step (JAX's state synced)
-from model import data, run_dir
+from model.training import data, run_dir
 shutil.copytree(args["data"], args["damaged"])
 shard = os.path.join(args["damaged"], sorted(p for p in os.listdir(args["damaged"]) if "-train.tfrecord" in p)[1])
 def cut(step):

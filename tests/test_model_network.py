@@ -5,7 +5,8 @@ import keras
 import numpy as np
 import pytest
 
-from model import data, network
+from model import network
+from model.training import data
 
 
 def layers_of(model, kind):

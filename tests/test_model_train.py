@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from model import data, network, run_dir, train
+from model import network, train
+from model.training import data, run_dir
 from pipeline.dataset import geometry
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -13,7 +13,8 @@ import time
 import numpy as np
 import pytest
 
-from model import data, network, run_dir, train
+from model import network, train
+from model.training import data, run_dir
 from pipeline import records
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -21,7 +21,7 @@ def _ids(batches):
 
 
 def test_model_inputs_equal_model_data(built_dataset):
-    from model import data
+    from model.training import data
 
     batch = next(records.batches(built_dataset, "train", 16))
     x, y = records.model_inputs(batch, 32)

@@ -258,7 +258,7 @@ def _batches(source, batch_size, shuffle, seed, repeat, drop_remainder, workers,
 
 
 def model_inputs(batch: dict, rho: float) -> tuple:
-    """(inputs, labels) as HomographyNet takes them, in numpy: the same numbers as model.data's
+    """(inputs, labels) as HomographyNet takes them, in numpy: the same numbers as model.training.data's
     normalize (concat([a, b], channels) / 127.5 - 1, float32) and scale_labels (offsets / rho)."""
     x = np.concatenate([batch[schema.PATCH_A], batch[schema.PATCH_B]], axis=-1).astype(np.float32)
     x /= np.float32(127.5)  # in place; plain float32 arithmetic vectorises (a lookup table is 3x slower)

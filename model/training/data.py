@@ -332,7 +332,8 @@ def input_throughput(data_dir: str, split: str = "train", batch_size: int = 64, 
 
 
 def _cli():
-    """python -m model.data --data_dir=OUT [--split=train --batch_size=64 --batches=200]: input pipeline speed."""
+    """python -m model.training.data --data_dir=OUT [--split=train --batch_size=64 --batches=200]: input
+    pipeline speed."""
     import json
     import sys
 
@@ -352,7 +353,7 @@ def _cli():
             print(json.dumps(input_throughput(FLAGS.data_dir, FLAGS.split, FLAGS.batch_size, FLAGS.batches,
                                               FLAGS.shuffle_buffer)))
         except ValueError as e:  # DatasetError is a ValueError
-            print(f"model.data: error: {e}", file=sys.stderr)
+            print(f"model.training.data: error: {e}", file=sys.stderr)
             return 2
         return 0
 

@@ -241,7 +241,7 @@ def export_saved_model(model, path: str, patch_size: int, channels: int, rho: fl
         return False
     import tensorflow as tf
 
-    from model import data
+    from model.training import data
 
     archive = keras.export.ExportArchive()
     archive.track(model)

@@ -21,7 +21,7 @@ import re
 import cv2
 import numpy as np
 
-from model import methods as methods_lib
+from model.estimators import methods as methods_lib
 
 IMAGE_EXTENSIONS = ("ppm", "pgm", "png", "jpg", "jpeg")
 LAYOUTS = {  # name -> (image file pattern, H file pattern, how to name H_1_k)
@@ -206,7 +206,7 @@ def summarise(errors, ok, seconds) -> dict:
             "seconds_per_pair": round(float(np.mean(seconds)), 4) if len(errors) else None}
 
 
-# ---- the classical methods on whole images (model.methods' code, image-sized settings) ----
+# ---- the classical methods on whole images (model.estimators.methods' code, image-sized settings) ----
 
 @functools.lru_cache(maxsize=None)
 def _detector(method: str):

@@ -7,7 +7,7 @@ import json
 import os
 import time
 
-from model import run_dir
+from model.training import run_dir
 
 CLASSICAL_METHODS = ("identity", "orb", "sift", "ecc")
 REPORT_JSON, REPORT_MD = "report.json", "report.md"

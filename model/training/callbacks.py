@@ -19,7 +19,7 @@ import time
 import keras
 import numpy as np
 
-from model import run_dir
+from model.training import run_dir
 
 
 class Diverged(RuntimeError):

@@ -16,8 +16,8 @@ matplotlib.use("Agg")  # files only, never a display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from model import real_pairs  # noqa: E402
-from model.report import colour  # noqa: E402
+from model.evaluation import real_pairs  # noqa: E402
+from model.evaluation.report import colour  # noqa: E402
 
 JSON_FILE, MARKDOWN_FILE, CURVES_FILE, FIGURES_DIR = "real_report.json", "real_report.md", "error_curves.png", "figures"
 

@@ -1,0 +1,1 @@
+"""Training: the input pipeline, the losses, the training loop and its callback, the run directory."""
