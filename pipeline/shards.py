@@ -13,6 +13,7 @@ import math
 
 import cv2
 
+from pipeline.dataset import photometric
 from pipeline import coco, dataset_info, geometry, records, schema
 
 MIN_SHARDS = 8
@@ -79,7 +80,8 @@ def image_pairs(record: coco.ImageRecord, config: geometry.PairConfig, split: st
         image = coco.decode_resize(data, config.image_width, config.image_height, config.channels, src)
     except cv2.error as e:
         raise coco.ImageError("undecodable", f"OpenCV: {str(e).strip()[:200]}") from e
-    return [schema.encode(p.patch_a, p.patch_b, p.offsets, p.corners, record.image_id, p.patch_index)
+    return [schema.encode(p.patch_a, p.patch_b, p.offsets, p.corners, record.image_id, p.patch_index,
+                          p.photometric_a, p.photometric_b)
             for p in geometry.generate_pairs(image, config, split, record.image_id)]
 
 
@@ -164,6 +166,7 @@ def failed_lines(failed: list) -> bytes:
 def header(config: geometry.PairConfig, name: str, runner: str, argv: list, reduced_decode: bool, started: str) -> dict:
     """dataset_info.json without its splits: the generation config and how the build ran."""
     return {"name": name, "format_version": dataset_info.FORMAT_VERSION,
-            "config": {k: getattr(config, k) for k in ("patch_size", "rho", "image_width", "image_height",
-                                                          "channels", "patches_per_image", "seed")},
+            "config": {**{k: getattr(config, k) for k in ("patch_size", "rho", "image_width", "image_height",
+                                                             "channels", "patches_per_image", "seed")},
+                       "photometric": photometric.describe(config.photometric)},
             "build": {"runner": runner, "argv": list(argv), "reduced_decode": reduced_decode, "started": started}}

@@ -22,8 +22,12 @@ from __future__ import annotations
 
 import math
 
-import cv2
 import numpy as np
+
+try:
+    import cv2
+except ImportError:  # readers import the contract without OpenCV; only `apply` needs it
+    cv2 = None
 
 MODELS = ("none", "camera")
 
@@ -53,6 +57,25 @@ def validate_model(name: str) -> str:
     if name not in MODELS:
         raise ValueError(f"photometric model must be one of {', '.join(MODELS)}, got '{name}'")
     return name
+
+
+def describe(name: str) -> dict:
+    """The model as dataset_info.json records it: its name and, for `camera`, fields, ranges and order."""
+    validate_model(name)
+    if name == "none":
+        return {"name": "none"}
+    return {"name": name, "fields": list(FIELDS), "ranges": {k: list(v) for k, v in CAMERA_RANGES.items()},
+            "blur_kinds": ["none", "gaussian", "motion"],
+            "order": ["shade", "blur", "exposure", "gamma", "noise", "round to uint8"],
+            "stream": "numpy default_rng([seed, crc32(split), image_id, 1]); per pair: A's draw, then B's"}
+
+
+def model_name(recorded) -> str:
+    """The model named by an index's config entry (absent in builds from before it: none)."""
+    if recorded is None:
+        return "none"
+    name = recorded.get("name") if isinstance(recorded, dict) else recorded
+    return validate_model(str(name))
 
 
 def sample(rng: np.random.Generator) -> np.ndarray:
