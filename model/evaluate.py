@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import hashlib
 import os
 import sys
 import time
@@ -151,8 +152,11 @@ def evaluate(data_dir: str, split: str, output_dir: str, *, model_dir: str | Non
     true_offsets, collected = [], {n: _Collected() for n in names}
     logging.info("evaluating %s on %d pairs of %s/%s", ", ".join(names), total, data_dir, split)
     started, seen, next_log = time.time(), 0, log_every
+    fingerprint = hashlib.blake2b(digest_size=16)
     for batch in _batches(data, data_dir, split, batch_size):
         batch = {k: v[:total - seen] for k, v in batch.items()}
+        for key in ("patch_a", "patch_b", "offsets"):  # the pairs themselves, in order: model.ship's "same pairs"
+            fingerprint.update(np.ascontiguousarray(batch[key]).tobytes())
         _run_batch(batch, names, collected, model, float(run["rho"]) if run else 0.0)
         true_offsets.extend(batch["offsets"].reshape(-1, 4, 2))
         for i in show:
@@ -172,9 +176,11 @@ def evaluate(data_dir: str, split: str, output_dir: str, *, model_dir: str | Non
         "dataset": {"data_dir": data_dir, "split": split, "num_examples": cfg.num_examples,
                     "config": _full_config(data_dir)},
         "model": ({"model_dir": model_dir, **{k: run.get(k) for k in ("rho", "patch_size", "channels",
-                                                                        "architecture", "steps")}}
+                                                                        "architecture", "steps")},
+                   "weights_sha256": weights_digest(model_dir)}
                   if run else None),
         "num_pairs": int(seen),
+        "pairs_fingerprint": fingerprint.hexdigest(),
         "methods": {n: summarise(errors[n], np.asarray(collected[n].ok), collected[n].seconds,
                                   collected[n].reasons) for n in names},
         "identity_check": {"expected_mace": round(IDENTITY_MACE_PER_RHO * rho, 3),
@@ -186,6 +192,21 @@ def evaluate(data_dir: str, split: str, output_dir: str, *, model_dir: str | Non
     }
     _write(report, errors, true_offsets, collected, kept, output_dir)
     return report
+
+
+def weights_digest(model_dir: str) -> str:
+    """SHA-256 of the run's model.keras: what binds a report to the weights it scored (model.ship checks it);
+    None for a run evaluated from a checkpoint (no model.keras yet: nothing model.ship would take)."""
+    from model import network
+
+    path = os.path.join(model_dir, network.MODEL_FILE)
+    if not os.path.exists(path):
+        return None
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(2**20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _batches(data, data_dir: str, split: str, batch_size: int):

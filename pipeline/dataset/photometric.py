@@ -163,6 +163,20 @@ def apply(patch: np.ndarray, params: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(x), 0, 255).astype(np.uint8).reshape(shape)
 
 
+def undo_tone(patch: np.ndarray, params: np.ndarray) -> np.ndarray:
+    """float32 (P, P, C): the patch with its recorded gamma, exposure and shade undone (blur and noise cannot
+    be, and clipped pixels stay clipped): what the audit compares, so a wrong label cannot hide behind them."""
+    v = [float(x) for x in np.asarray(params, np.float32).ravel()]
+    contrast, brightness, gamma, shade, shade_angle = v[0], v[1], v[2], v[7], v[8]
+    x = patch.astype(np.float32).reshape(patch.shape[0], patch.shape[1], -1)
+    if gamma != 1.0:
+        x = np.float32(255.0) * (x / np.float32(255.0)) ** np.float32(1.0 / gamma)
+    x = (x - np.float32(127.5 + brightness)) / np.float32(contrast) + np.float32(127.5)
+    if shade:
+        x = x - shade_ramp(x.shape[0], shade, shade_angle)[:, :, None]
+    return x
+
+
 def apply_batch(patches: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Training: each uint8 patch of a (B, P, P, C) batch through its own fresh `sample(rng)`."""
     return np.stack([apply(p, sample(rng)) for p in patches])
