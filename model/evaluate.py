@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import hashlib
 import os
 import sys
 import time
@@ -23,6 +24,7 @@ from absl import flags, logging
 
 from model.estimators import methods as methods_lib
 from model.evaluation import report as report_lib
+from model.training import run_dir
 from pipeline.dataset import geometry
 from pipeline.runtime import cli
 
@@ -152,8 +154,11 @@ def evaluate(data_dir: str, split: str, output_dir: str, *, model_dir: str | Non
     true_offsets, collected = [], {n: _Collected() for n in names}
     logging.info("evaluating %s on %d pairs of %s/%s", ", ".join(names), total, data_dir, split)
     started, seen, next_log = time.time(), 0, log_every
+    fingerprint = hashlib.blake2b(digest_size=16)
     for batch in _batches(data, data_dir, split, batch_size):
         batch = {k: v[:total - seen] for k, v in batch.items()}
+        for key in ("patch_a", "patch_b", "offsets"):  # the pairs themselves, in order: model.ship's "same pairs"
+            fingerprint.update(np.ascontiguousarray(batch[key]).tobytes())
         _run_batch(batch, names, collected, model, float(run["rho"]) if run else 0.0)
         true_offsets.extend(batch["offsets"].reshape(-1, 4, 2))
         for i in show:
@@ -173,9 +178,11 @@ def evaluate(data_dir: str, split: str, output_dir: str, *, model_dir: str | Non
         "dataset": {"data_dir": data_dir, "split": split, "num_examples": cfg.num_examples,
                     "config": _full_config(data_dir)},
         "model": ({"model_dir": model_dir, **{k: run.get(k) for k in ("rho", "patch_size", "channels",
-                                                                        "architecture", "steps")}}
+                                                                        "architecture", "steps")},
+                   "weights_sha256": run_dir.weights_digest(model_dir)}
                   if run else None),
         "num_pairs": int(seen),
+        "pairs_fingerprint": fingerprint.hexdigest(),
         "methods": {n: summarise(errors[n], np.asarray(collected[n].ok), collected[n].seconds,
                                   collected[n].reasons) for n in names},
         "identity_check": {"expected_mace": round(IDENTITY_MACE_PER_RHO * rho, 3),

@@ -39,6 +39,7 @@ from absl import flags, logging
 from model import network
 from model.training import data, loop, losses, run_dir
 from model.training.loop import Diverged  # raised by train(); callers catch train.Diverged
+from pipeline.dataset import photometric
 from pipeline.runtime import cli
 
 HISTORY_FIELDS = run_dir.HISTORY_FIELDS
@@ -65,7 +66,7 @@ DEFAULTS = dict(steps=90000, batch_size=64, optimizer="sgd", learning_rate=0.005
                 steps_per_loop=10, shuffle_buffer=10000, dropout=True, batchnorm=True, mixed_precision="none",
                 jit_compile=False, architecture="homographynet", seed=0, train_split="train",
                 val_split="validation", max_checkpoints=3, max_minutes=0.0, reader="auto", reader_workers=0,
-                augment=False)
+                augment=False, photometric="none")
 
 
 def _check_args(a: dict) -> None:
@@ -91,8 +92,11 @@ def _check_args(a: dict) -> None:
         tf_data = data.uses_tf_data(a["reader"])
     except ValueError as e:
         raise TrainError(str(e)) from e
-    if a["augment"] and tf_data:
-        raise TrainError("--augment runs on the TensorFlow-free reader: add --reader=records")
+    if a["photometric"] not in photometric.MODELS:
+        raise TrainError(f"unknown --photometric '{a['photometric']}'; known: {', '.join(photometric.MODELS)}")
+    for flag, on in (("augment", a["augment"]), ("photometric", a["photometric"] != "none")):
+        if on and tf_data:
+            raise TrainError(f"--{flag} runs on the TensorFlow-free reader: add --reader=records")
 
 
 def _check_model_dir(model_dir: str, config: dict) -> None:
@@ -208,6 +212,9 @@ def _define_flags():
                         "data/weights/compact_rho32), layer by layer by name; a fresh run only")
     flags.DEFINE_bool("augment", False, "Show each training batch through one of the 8 flips and transposes of "
                       "its patches, offsets mapped exactly (needs --reader=records)")
+    flags.DEFINE_enum("photometric", "none", list(photometric.MODELS), "Give patch A and patch B of each "
+                      "training pair their own fresh camera change (pipeline/dataset/photometric.py: shade, blur, "
+                      "exposure, gamma, noise), labels unchanged (needs --reader=records)")
     flags.DEFINE_integer("reader_workers", 0, "Processes decoding training shards for the records reader (0: the "
                          "training process itself; a GPU needs several to be fed)")
 

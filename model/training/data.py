@@ -263,13 +263,25 @@ def augment_views(batches, seed: int | None = None):
                          schema.OFFSETS: offsets.reshape(-1, 8)})
 
 
+def camera_views(batches, seed: int | None = None):
+    """Parsed batches with patch A and patch B each through its own fresh draw of the camera model
+    (pipeline.dataset.photometric), labels unchanged: two shots of one scene, not two copies."""
+    from pipeline.dataset import photometric
+
+    rng = np.random.default_rng(None if seed is None else [seed, 1])
+    for b in batches:
+        yield dict(b, **{schema.PATCH_A: photometric.apply_batch(b[schema.PATCH_A], rng),
+                         schema.PATCH_B: photometric.apply_batch(b[schema.PATCH_B], rng)})
+
+
 def train_batches(data_dir: str, split: str, batch_size: int, *, shuffle_buffer: int = 10000, seed: int | None = None,
-                  reader: str = "auto", workers: int = 0, augment: bool = False):
+                  reader: str = "auto", workers: int = 0, augment: bool = False, photometric: str = "none"):
     """Endless, shuffled, full (inputs, labels) batches for Keras's fit: a tf.data.Dataset (uses_tf_data())
     or a generator of numpy batches from the TensorFlow-free reader (same normalisation and labels), its
-    shards decoded in `workers` processes (0: in this one). augment (that reader only): augment_views."""
+    shards decoded in `workers` processes (0: in this one). That reader only: augment (augment_views) and
+    photometric='camera' (camera_views)."""
     if uses_tf_data(reader):
-        if augment:
+        if augment or photometric != "none":
             raise ValueError("augmentation runs on the TensorFlow-free reader: pass --reader=records")
         return make_dataset(data_dir, split, batch_size, training=True, shuffle_buffer=shuffle_buffer, seed=seed)
     from pipeline.reader import batching
@@ -279,6 +291,8 @@ def train_batches(data_dir: str, split: str, batch_size: int, *, shuffle_buffer:
                               drop_remainder=True, shuffle_buffer=max(shuffle_buffer, 1), workers=workers)
     if augment:
         stream = augment_views(stream, seed)
+    if photometric == "camera":
+        stream = camera_views(stream, seed)
     return (_xy(b, config.rho) for b in stream)
 
 

@@ -133,7 +133,8 @@ def fit(data_dir: str, model_dir: str, a: dict, config: dict, started: float, st
             # Fresh shuffle order after a resume (the data stream itself is not checkpointed).
             stream = data.train_batches(data_dir, a["train_split"], batch, shuffle_buffer=a["shuffle_buffer"],
                                         seed=a["seed"] + start_step, reader=a["reader"],
-                                        workers=a["reader_workers"], augment=a["augment"])
+                                        workers=a["reader_workers"], augment=a["augment"],
+                                        photometric=a["photometric"])
             model.fit(stream, epochs=1, steps_per_epoch=a["steps"] - start_step, verbose=0, callbacks=[monitor],
                       shuffle=False)  # the stream is shuffled already
         monitor.checkpoint(monitor.step)  # the last step's (refused, as Diverged, if its weights are non-finite)

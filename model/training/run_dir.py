@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import csv
 import fcntl
+import hashlib
 import json
 import os
 import re
@@ -23,6 +24,7 @@ import socket
 import time
 
 CHECKPOINT_DIR = "checkpoints"
+MODEL_FILE = "model.keras"  # the finished network (model.network.MODEL_FILE)
 LOCK_FILE = ".lock"
 HISTORY_FIELDS = ("step", "learning_rate", "train_loss", "train_mace", "val_loss", "val_mace", "val_identity_mace",
                   "steps_per_sec", "examples_per_sec", "elapsed_s")
@@ -252,3 +254,16 @@ def export_saved_model(model, path: str, patch_size: int, channels: int, rho: fl
                          input_signature=[raw, raw])
     archive.write_out(path, verbose=False)
     return True
+
+
+def weights_digest(model_dir: str) -> str:
+    """SHA-256 of the run's model.keras: what binds a report to the weights it scored (model.ship checks it);
+    None for a run evaluated from a checkpoint (no model.keras yet: nothing model.ship would take)."""
+    path = os.path.join(model_dir, MODEL_FILE)
+    if not os.path.exists(path):
+        return None
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(2**20), b""):
+            digest.update(block)
+    return digest.hexdigest()

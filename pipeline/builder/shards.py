@@ -16,6 +16,7 @@ import cv2
 from pipeline.builder import coco
 from pipeline.dataset import dataset_info, geometry, schema
 from pipeline.reader import framing
+from pipeline.dataset import photometric
 
 MIN_SHARDS = 8
 TARGET_SHARD_BYTES = 64 * 2**20  # ~64 MiB a shard: enough files to interleave, few enough to list
@@ -81,7 +82,8 @@ def image_pairs(record: coco.ImageRecord, config: geometry.PairConfig, split: st
         image = coco.decode_resize(data, config.image_width, config.image_height, config.channels, src)
     except cv2.error as e:
         raise coco.ImageError("undecodable", f"OpenCV: {str(e).strip()[:200]}") from e
-    return [schema.encode(p.patch_a, p.patch_b, p.offsets, p.corners, record.image_id, p.patch_index)
+    return [schema.encode(p.patch_a, p.patch_b, p.offsets, p.corners, record.image_id, p.patch_index,
+                          p.photometric_a, p.photometric_b)
             for p in geometry.generate_pairs(image, config, split, record.image_id)]
 
 
@@ -166,6 +168,7 @@ def failed_lines(failed: list) -> bytes:
 def header(config: geometry.PairConfig, name: str, runner: str, argv: list, reduced_decode: bool, started: str) -> dict:
     """dataset_info.json without its splits: the generation config and how the build ran."""
     return {"name": name, "format_version": dataset_info.FORMAT_VERSION,
-            "config": {k: getattr(config, k) for k in ("patch_size", "rho", "image_width", "image_height",
-                                                          "channels", "patches_per_image", "seed")},
+            "config": {**{k: getattr(config, k) for k in ("patch_size", "rho", "image_width", "image_height",
+                                                             "channels", "patches_per_image", "seed")},
+                       "photometric": photometric.describe(config.photometric)},
             "build": {"runner": runner, "argv": list(argv), "reduced_decode": reduced_decode, "started": started}}

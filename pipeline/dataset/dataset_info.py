@@ -98,6 +98,7 @@ def read(data_dir: str) -> DatasetInfo:
     if not exists(path):
         raise DatasetError(f"no {schema.DATASET_INFO} in {data_dir}: not a built dataset "
                            f"(build one with: python -m pipeline.build --coco_dir=... --output_dir={data_dir})")
+    from pipeline.dataset import photometric
     from pipeline.dataset.geometry import PairConfig
 
     try:
@@ -105,7 +106,8 @@ def read(data_dir: str) -> DatasetInfo:
             raw = json.loads(f.read().decode("utf-8"))
         config = PairConfig(**{k: int(raw["config"][k]) for k in
                                ("patch_size", "rho", "image_width", "image_height", "channels",
-                                "patches_per_image", "seed")})
+                                "patches_per_image", "seed")},
+                            photometric=photometric.model_name(raw["config"].get("photometric")))
         for name, s in raw["splits"].items():
             int(s["num_examples"])
             for sh in s["shards"]:

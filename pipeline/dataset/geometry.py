@@ -17,6 +17,8 @@ except ImportError:  # a reader of built shards needs only PairConfig (via datas
     cv2 = None
 import numpy as np
 
+from pipeline.dataset import photometric
+
 # Offsets are drawn on a grid of 2**20 steps over [-rho, rho]: effectively continuous, both ends
 # reachable, and (for integer rho up to 2**9) every value is exact in float32, so the stored labels
 # equal the offsets that made the warp, bit for bit.
@@ -34,6 +36,7 @@ class PairConfig:
     channels: int = 1  # 1 = grayscale (the paper), 3 = colour (BGR, OpenCV's order)
     patches_per_image: int = 10
     seed: int = 0
+    photometric: str = "none"  # the camera model of each patch (pipeline/dataset/photometric.py)
 
     def validate(self) -> None:
         """Raises ValueError naming the problem when the geometry cannot fit."""
@@ -41,6 +44,8 @@ class PairConfig:
             raise ValueError(
                 f"patch_size ({self.patch_size}) and patches_per_image ({self.patches_per_image}) "
                 f"must be positive and rho ({self.rho}) non-negative")
+        if self.photometric not in photometric.MODELS:
+            raise ValueError(f"photometric must be one of {', '.join(photometric.MODELS)}, got '{self.photometric}'")
         if self.channels not in (1, 3):
             raise ValueError(f"channels must be 1 or 3, got {self.channels}")
         need = self.patch_size + 2 * self.rho
@@ -174,6 +179,21 @@ class Pair:
     offsets: np.ndarray  # (4, 2) float32
     corners: np.ndarray  # (4, 2) float32, patch A in the resized image
     patch_index: int
+    photometric_a: np.ndarray | None = None  # the camera parameters each patch was seen through, if any
+    photometric_b: np.ndarray | None = None
+
+
+def photometric_rng(seed: int, split: str, image_id: int) -> np.random.Generator:
+    """The camera draws of an image: their own stream, so a `camera` build has the same geometry (corners,
+    offsets) as the `none` build of the same flags, pair for pair."""
+    return np.random.default_rng([int(seed), zlib.crc32(split.encode("utf-8")), int(image_id), 1])
+
+
+def camera_pair(pair: Pair, rng: np.random.Generator) -> Pair:
+    """The pair with patch A and patch B each through its own camera draw, labels unchanged."""
+    pa, pb = photometric.sample(rng), photometric.sample(rng)
+    return dataclasses.replace(pair, patch_a=photometric.apply(pair.patch_a, pa),
+                               patch_b=photometric.apply(pair.patch_b, pb), photometric_a=pa, photometric_b=pb)
 
 
 def make_pair(image: np.ndarray, x: int, y: int, offsets: np.ndarray, patch_size: int, patch_index: int = 0,
@@ -200,6 +220,9 @@ def generate_pairs(image: np.ndarray, config: PairConfig, split: str, image_id: 
         x, y = sample_top_left(rng, w, h, config.patch_size, config.rho)
         offsets = sample_offsets(rng, config.rho)
         pairs.append(make_pair(image, x, y, offsets, config.patch_size, k, warp))
+    if config.photometric == "camera":
+        prng = photometric_rng(config.seed, split, image_id)
+        pairs = [camera_pair(p, prng) for p in pairs]
     return pairs
 
 

@@ -6,6 +6,8 @@ One tf.train.Example per pair:
   corners          : float32 x 8, patch A corners in the resized image
   image_id         : int64, COCO image id
   patch_index      : int64, 0 .. patches_per_image - 1
+  photometric_a, photometric_b : float32 x 10, only in `--photometric=camera` builds: the camera parameters
+                     each patch was seen through (pipeline/dataset/photometric.py, FIELDS order)
 
 encode/decode need no TensorFlow (pipeline.dataset.tf_example: the Example message in protobuf's runtime, the
 same bytes as tf.train.Example); feature_spec/parse_batch, the tf.data path, import it when called.
@@ -22,6 +24,8 @@ OFFSETS = "offsets"
 CORNERS = "corners"
 IMAGE_ID = "image_id"
 PATCH_INDEX = "patch_index"
+PHOTOMETRIC_A = "photometric_a"
+PHOTOMETRIC_B = "photometric_b"
 
 DATASET_INFO = "dataset_info.json"
 
@@ -50,8 +54,8 @@ def feature_spec() -> dict:
 
 
 def encode(patch_a: np.ndarray, patch_b: np.ndarray, offsets: np.ndarray, corners: np.ndarray,
-           image_id: int, patch_index: int) -> bytes:
-    """Serialises one pair; patches are (P, P, C) uint8."""
+           image_id: int, patch_index: int, photometric_a=None, photometric_b=None) -> bytes:
+    """Serialises one pair; patches are (P, P, C) uint8; camera parameters only when given (camera builds)."""
     if patch_a.dtype != np.uint8 or patch_b.dtype != np.uint8 or patch_a.shape != patch_b.shape:
         raise ValueError(f"patches must be uint8 of one shape, got {patch_a.dtype}{patch_a.shape} "
                          f"and {patch_b.dtype}{patch_b.shape}")
@@ -65,6 +69,10 @@ def encode(patch_a: np.ndarray, patch_b: np.ndarray, offsets: np.ndarray, corner
         IMAGE_ID: feature(int64_list=t.Int64List(value=[int(image_id)])),
         PATCH_INDEX: feature(int64_list=t.Int64List(value=[int(patch_index)])),
     }))
+    for key, params in ((PHOTOMETRIC_A, photometric_a), (PHOTOMETRIC_B, photometric_b)):
+        if params is not None:
+            values = np.asarray(params, np.float32).ravel().tolist()
+            example.features.feature[key].CopyFrom(feature(float_list=t.FloatList(value=values)))
     return example.SerializeToString(deterministic=True)  # map order fixed: same bytes in every process
 
 
@@ -79,6 +87,8 @@ def decode(serialized: bytes, patch_size: int, channels: int) -> dict:
         CORNERS: np.asarray(f[CORNERS].float_list.value, np.float32),
         IMAGE_ID: int(f[IMAGE_ID].int64_list.value[0]),
         PATCH_INDEX: int(f[PATCH_INDEX].int64_list.value[0]),
+        **{key: np.asarray(f[key].float_list.value, np.float32) for key in (PHOTOMETRIC_A, PHOTOMETRIC_B)
+           if key in f},
     }
 
 

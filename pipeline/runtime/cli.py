@@ -45,6 +45,9 @@ def define_dataset_flags(coco_dir_help: str, output_dir_help: str) -> None:
     flags.DEFINE_bool("color", False, "3-channel (BGR) patches instead of grayscale")
     flags.DEFINE_string("dataset_name", "homography", "Prefix of the shard files")
     flags.DEFINE_bool("overwrite", False, "Replace a dataset already in output_dir")
+    flags.DEFINE_enum("photometric", "none", ["none", "camera"], "none: patch B is an exact warp of patch A's "
+                      "image; camera: each patch gets its own shade, blur, exposure, gamma and noise (labels "
+                      "unchanged; parameters stored in each record, ranges in dataset_info.json)")
     flags.DEFINE_bool("reduced_decode", True, "Decode large JPEGs at 1/2, 1/4 or 1/8 size (needs sizes from the annotations)")
 
 
@@ -54,4 +57,5 @@ def pair_config_from_flags():
 
     f = flags.FLAGS
     return PairConfig(patch_size=f.patch_size, rho=f.rho, image_width=f.image_width, image_height=f.image_height,
-                      channels=3 if f.color else 1, patches_per_image=f.patches_per_image, seed=f.seed)
+                      channels=3 if f.color else 1, patches_per_image=f.patches_per_image, seed=f.seed,
+                      photometric=f.photometric)
