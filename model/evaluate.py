@@ -1,9 +1,13 @@
 """MACE evaluation of the network and the classical methods on a built split, with figures.
 
   python -m model.evaluate --data_dir=OUT --split=validation [--model_dir=RUN] --output_dir=REPORT
-                           [--methods=identity,orb,sift,ecc,network] [--max_pairs=N] [--num_visualizations=6]
+                           [--methods=identity,orb,sift,ecc,network,network+ecc,auto] [--max_pairs=N]
+                           [--num_visualizations=6] [--workers=0]
 
-Without --model_dir only the classical methods run. Pairs are streamed in the dataset's order (one
+Any name of model.estimators.registry: the base methods, X+ecc (refined from X's H), X_or_Y, auto.
+Without --model_dir only the classical methods run. The per-pair work (classical methods, refinement) runs
+over a pool of --workers processes (0: every core), the network batched in this process; the results are
+the same, pair for pair, as in one process. Pairs are streamed in the dataset's order (one
 deterministic pass through model.training.data.parsed_batches: tf.data on Keras's TensorFlow backend, the
 TensorFlow-free reader otherwise); a damaged shard stops it with one line naming the shard and byte offset
 (model.training.data.DamagedShardError). Only the predictions and the few pairs to draw are
@@ -22,12 +26,13 @@ import time
 import numpy as np
 from absl import flags, logging
 
-from model.estimators import methods as methods_lib
+from model.estimators import parallel, registry
 from model.evaluation import report as report_lib
 from model.training import run_dir
 from pipeline.dataset import geometry
 from pipeline.runtime import cli
 
+DEFAULT_CLASSICAL = ("identity", "orb", "sift", "ecc")  # orb_default is on request (--methods)
 IDENTITY_MACE_PER_RHO = 0.765  # E|u - 0| over the square [-1, 1]^2: the identity's MACE is 0.765 * rho
 
 
@@ -36,19 +41,14 @@ class EvaluationError(ValueError):
 
 
 def default_methods(with_network: bool) -> list:
-    return list(methods_lib.DEFAULT_CLASSICAL) + (["network", "network_tta"] if with_network else [])
+    return list(DEFAULT_CLASSICAL) + (["network", "network_tta"] if with_network else [])
 
 
 def check_methods(names: list, with_network: bool) -> list:
-    unknown = [n for n in names if n not in methods_lib.ALL_METHODS]
-    if unknown:
-        raise EvaluationError(f"unknown method(s) {', '.join(unknown)}; known: {', '.join(methods_lib.ALL_METHODS)}")
-    needs = [n for n in names if n in methods_lib.NETWORK_METHODS]
-    if needs and not with_network:
-        raise EvaluationError(f"method '{needs[0]}' needs --model_dir (a training run)")
-    if not names or len(set(names)) != len(names):
-        raise EvaluationError(f"--methods must name each method once, got {','.join(names) or 'nothing'}")
-    return names
+    try:
+        return registry.check(names, with_network)
+    except registry.MethodError as e:
+        raise EvaluationError(str(e)) from None
 
 
 def load_run(model_dir: str):
@@ -85,36 +85,32 @@ class _Collected:
     offsets: list = dataclasses.field(default_factory=list)  # (4, 2) per pair
     ok: list = dataclasses.field(default_factory=list)
     reasons: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    kept: collections.Counter = dataclasses.field(default_factory=collections.Counter)  # refinement kept its start
+    answered_by: collections.Counter = dataclasses.field(default_factory=collections.Counter)
     seconds: float = 0.0
 
 
-def _network(model, a, b, model_rho: float, tta: bool = False):
-    """(offsets (N, 4, 2), finite (N,)): a diverged model's non-finite outputs become the identity."""
-    out = (methods_lib.network_offsets_tta if tta else methods_lib.network_offsets)(model, a, b, model_rho)
-    finite = np.isfinite(out).all(axis=(1, 2))
-    out[~finite] = 0.0
-    return out, finite
+def _kind(reason: str) -> str:
+    """A reason counted by kind: the text before any detail in parentheses or after ':'."""
+    return reason.split(" (")[0].split(":")[0]
 
 
-def _run_batch(batch: dict, names: list, collected: dict, model, model_rho: float) -> None:
-    a, b = batch["patch_a"], batch["patch_b"]
-    for name in names:
-        start = time.perf_counter()
-        if name in ("network", "network_tta"):
-            out, finite = _network(model, a, b, model_rho, tta=name == "network_tta")
-            collected[name].offsets.extend(out)
-            collected[name].ok.extend(finite.tolist())
-            if not finite.all():
-                collected[name].reasons["non-finite output"] += int((~finite).sum())
-        else:
-            net = _network(model, a, b, model_rho)[0] if name == "sift_or_network" else None
-            for i, (pa, pb) in enumerate(zip(a, b)):
-                e = methods_lib.sift_or_network(pa, pb, net[i]) if net is not None else methods_lib.estimate(name, pa, pb)
-                collected[name].offsets.append(e.offsets)
-                collected[name].ok.append(e.ok)
-                if not e.ok:  # counted by kind: the text before any detail in parentheses or after ':'
-                    collected[name].reasons[e.reason.split(" (")[0].split(":")[0]] += 1
-        collected[name].seconds += time.perf_counter() - start
+def _run_batch(batch: dict, names: list, collected: dict, ctx: registry.Context) -> None:
+    try:
+        results = registry.run(names, batch["patch_a"], batch["patch_b"], ctx)
+    except (registry.MethodError, parallel.WorkerError) as e:
+        raise EvaluationError(str(e)) from None
+    for name, result in results.items():
+        c = collected[name]
+        c.seconds += result.seconds
+        for e in result.estimates:
+            c.offsets.append(e.offsets)
+            c.ok.append(e.ok)
+            if not e.ok:
+                c.reasons[_kind(e.reason)] += 1
+            if e.kept_start:
+                c.kept[_kind(e.kept_why)] += 1
+            c.answered_by[e.source] += 1
 
 
 def summarise(errors: np.ndarray, ok: np.ndarray, seconds: float, reasons: dict) -> dict:
@@ -124,42 +120,74 @@ def summarise(errors: np.ndarray, ok: np.ndarray, seconds: float, reasons: dict)
             "mean_mace": round(float(errors.mean()), 3),
             "median_mace": round(float(np.median(errors)), 3),
             "p90_mace": round(float(np.percentile(errors, 90)), 3),
+            "under_1px": round(float(np.mean(errors < 1.0)), 4),
             "failure_rate": round(float(1.0 - ok.mean()), 4),
             "failures": int(n - ok.sum()),
             "seconds_per_pair": float(f"{seconds / n:.3g}"),
-            "failure_reasons": dict(sorted(reasons.items(), key=lambda kv: -kv[1]))}
+            "failure_reasons": _by_count(reasons)}
+
+
+def _by_count(counter: dict) -> dict:
+    return dict(sorted(counter.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
+def _summary(name: str, errors: np.ndarray, c: _Collected) -> dict:
+    """summarise() plus, for a refined method, how often refinement kept the start (and why), and for a
+    chain, which of its members answered."""
+    out = summarise(errors, np.asarray(c.ok), c.seconds, c.reasons)
+    if registry.refines(name):
+        out["refinement_kept_start"] = int(sum(c.kept.values()))
+        out["refinement_kept_reasons"] = _by_count(c.kept)
+    if len(c.answered_by) > 1 or (c.answered_by and name not in c.answered_by):
+        out["answered_by"] = _by_count(c.answered_by)
+    return out
 
 
 def evaluate(data_dir: str, split: str, output_dir: str, *, model_dir: str | None = None,
              methods: list | None = None, max_pairs: int = 0, num_visualizations: int = 6,
-             batch_size: int = 64, log_every: int = 100, command: str | None = None) -> dict:
+             batch_size: int = 64, log_every: int = 100, command: str | None = None, workers: int = 0) -> dict:
     """Runs every method on the split's pairs, writes the report files, returns the report dict.
 
+    workers: processes for the per-pair work (classical methods, refinement); 0 = every core, 1 = this
+    process alone (the same results either way; the network stays batched here).
     Raises model.training.data.DatasetError (missing index, unknown or empty split) or EvaluationError.
     """
     from model.training import data
 
-    cfg = data.dataset_config(data_dir, split)
     names = check_methods(list(methods) if methods else default_methods(bool(model_dir)), bool(model_dir))
-    if max_pairs < 0 or num_visualizations < 0:
-        raise EvaluationError("--max_pairs and --num_visualizations must be >= 0")
+    cfg = data.dataset_config(data_dir, split)
+    if max_pairs < 0 or num_visualizations < 0 or workers < 0:
+        raise EvaluationError("--max_pairs, --num_visualizations and --workers must be >= 0")
+    if batch_size < 1:
+        raise EvaluationError(f"--batch_size must be >= 1, got {batch_size}")
     model, run = (None, None)
-    if set(names) & set(methods_lib.NETWORK_METHODS):
+    if any(registry.needs_network(n) for n in names):
         model, run = load_network(model_dir, cfg.patch_size, cfg.channels)
+    workers = workers or parallel.default_workers()
+    with parallel.Pool(workers) as pool:
+        ctx = registry.Context(model=model, rho=float(run["rho"]) if run else None, patch_size=cfg.patch_size,
+                               channels=cfg.channels, pool=pool, batch_size=batch_size)
+        return _evaluate(data, cfg, names, ctx, data_dir, split, output_dir, model_dir, run, max_pairs,
+                         num_visualizations, batch_size, log_every, command)
+
+
+def _evaluate(data, cfg, names, ctx, data_dir, split, output_dir, model_dir, run, max_pairs, num_visualizations,
+              batch_size, log_every, command) -> dict:
     total = min(max_pairs, cfg.num_examples) if max_pairs else cfg.num_examples
     # Pairs to draw: spread evenly over the evaluated pairs, so they come from different images.
     show = sorted(set(np.linspace(0, total - 1, num_visualizations).round().astype(int).tolist())) \
         if num_visualizations else []
     kept = {}
     true_offsets, collected = [], {n: _Collected() for n in names}
-    logging.info("evaluating %s on %d pairs of %s/%s", ", ".join(names), total, data_dir, split)
+    logging.info("evaluating %s on %d pairs of %s/%s (%d worker process(es))", ", ".join(names), total, data_dir,
+                 split, ctx.pool.workers)
     started, seen, next_log = time.time(), 0, log_every
     fingerprint = hashlib.blake2b(digest_size=16)
     for batch in _batches(data, data_dir, split, batch_size):
         batch = {k: v[:total - seen] for k, v in batch.items()}
         for key in ("patch_a", "patch_b", "offsets"):  # the pairs themselves, in order: model.ship's "same pairs"
             fingerprint.update(np.ascontiguousarray(batch[key]).tobytes())
-        _run_batch(batch, names, collected, model, float(run["rho"]) if run else 0.0)
+        _run_batch(batch, names, collected, ctx)
         true_offsets.extend(batch["offsets"].reshape(-1, 4, 2))
         for i in show:
             if seen <= i < seen + len(batch["offsets"]):
@@ -183,8 +211,8 @@ def evaluate(data_dir: str, split: str, output_dir: str, *, model_dir: str | Non
                   if run else None),
         "num_pairs": int(seen),
         "pairs_fingerprint": fingerprint.hexdigest(),
-        "methods": {n: summarise(errors[n], np.asarray(collected[n].ok), collected[n].seconds,
-                                  collected[n].reasons) for n in names},
+        "methods": {n: _summary(n, errors[n], collected[n]) for n in names},
+        "workers": ctx.pool.workers,
         "identity_check": {"expected_mace": round(IDENTITY_MACE_PER_RHO * rho, 3),
                            "measured_mace": round(float(geometry.mace(np.zeros_like(true_offsets),
                                                                       true_offsets).mean()), 3)},
@@ -257,12 +285,14 @@ def _define_flags():
     flags.DEFINE_string("split", "validation", "Split to evaluate on")
     flags.DEFINE_string("model_dir", None, "Training run (model.keras + config.json); omit for the classical methods alone")
     flags.DEFINE_string("output_dir", None, "Where the report files go")
-    flags.DEFINE_list("methods", None, f"Comma list from {', '.join(methods_lib.ALL_METHODS)}; "
-                                       f"default: {', '.join(methods_lib.DEFAULT_CLASSICAL)} (+ network with --model_dir)")
+    flags.DEFINE_list("methods", None, f"Comma list; {registry.GRAMMAR}. Default: {', '.join(DEFAULT_CLASSICAL)} "
+                                       f"(+ network, network_tta with --model_dir)")
     flags.DEFINE_integer("max_pairs", 0, "Evaluate only the first N pairs; 0 = all")
     flags.DEFINE_integer("num_visualizations", 6, "Pairs drawn with every method's quadrilateral")
     flags.DEFINE_integer("batch_size", 64, "Pairs read (and given to the network) at a time")
     flags.DEFINE_integer("log_every", 100, "Log progress every N pairs")
+    flags.DEFINE_integer("workers", 0, "Processes for the per-pair work (classical methods, refinement): "
+                                       "0 = every core, 1 = this process alone; the results are the same")
 
 
 def _fail(message: str) -> int:
@@ -280,7 +310,7 @@ def main(argv):
         report = evaluate(FLAGS.data_dir, FLAGS.split, FLAGS.output_dir, model_dir=FLAGS.model_dir,
                           methods=FLAGS.methods, max_pairs=FLAGS.max_pairs,
                           num_visualizations=FLAGS.num_visualizations, batch_size=FLAGS.batch_size,
-                          log_every=FLAGS.log_every,
+                          log_every=FLAGS.log_every, workers=FLAGS.workers,
                           command=" ".join(["python -m model.evaluate", *sys.argv[1:]]))
     except (EvaluationError, DatasetError) as e:
         return _fail(str(e))

@@ -5,10 +5,11 @@
                                 [--nofigures]
 
 DIR is one sequence or a folder of sequences (layouts: model/evaluation/real_pairs.py). For each pair (1, k) every
-method estimates H_1_k at the images' own resolution: the classical methods on the full images (ECC on a
-copy at most 320 px long), the network through model.predict (both photos squeezed to its P x P input,
-H = S_a^-1 . H_local . S_b with A = image k, B = image 1); sift_or_network takes SIFT's H where SIFT finds a
-plausible one and the network's elsewhere. The score is the mean corner error of image 1
+method (any name of model.estimators.registry: X+ecc, X_or_Y, auto) estimates H_1_k at the images' own
+resolution (model.estimators.photos, A = image k, B = image 1; photos longer than 1600 px are worked on
+downscaled, H mapped back exactly): the classical methods on the full images (ECC on a copy at most 320 px
+long), the network on both photos squeezed to its P x P input (H = S_a^-1 . H_local . S_b), refinement
+(+ecc) from the method's H at full resolution over a pyramid from the images' own size. The score is the mean corner error of image 1
 mapped into image k (model.evaluation.real_pairs.corner_error). A method that fails falls back to the identity; the
 pair keeps that error and the failure is counted.
 
@@ -27,13 +28,12 @@ import time
 import numpy as np
 from absl import flags, logging
 
-from model.estimators import methods as methods_lib
+from model.estimators import parallel, photos, registry
 from model.evaluation import real_pairs
 from model.evaluation.real_pairs import RealPairsError
 from pipeline.runtime import cli
 
-KNOWN_METHODS = methods_lib.CLASSICAL + ("network", "sift_or_network")
-NEEDS_NETWORK = ("network", "sift_or_network")
+DEFAULT_CLASSICAL = ("identity", "orb", "sift", "ecc")
 DIRECTION_MODES = ("refuse", "warn", "off")
 
 
@@ -41,22 +41,22 @@ def resolve_methods(names: list | None, model_dir: str | None) -> tuple:
     """(method list, model_dir for the network or None). The network runs with --model_dir, else with the
     project's shipped weights; without either it is left out by default and refused when asked for."""
     if names is not None:
-        unknown = [n for n in names if n not in KNOWN_METHODS]
-        if unknown:
-            raise RealPairsError(f"unknown method(s) {', '.join(unknown)}; known: {', '.join(KNOWN_METHODS)}")
-        if not names or len(set(names)) != len(names):
-            raise RealPairsError(f"--methods must name each method once, got {','.join(names) or 'nothing'}")
-    if model_dir is None and (names is None or set(names) & set(NEEDS_NETWORK)):
+        try:
+            registry.check(names, with_network=True)
+        except registry.MethodError as e:
+            raise RealPairsError(str(e)) from None
+    network_names = [n for n in names or [] if registry.needs_network(n)]
+    if model_dir is None and (names is None or network_names):
         from model import network  # Keras only when the network may run
 
         model_dir = network.shipped_model_dir()
         if model_dir is None and names is not None:
-            raise RealPairsError(f"method(s) {', '.join(n for n in names if n in NEEDS_NETWORK)} need "
+            raise RealPairsError(f"method(s) {', '.join(network_names)} need "
                                  "--model_dir: the project's shipped weights "
                                  "(data/weights/) are not in this checkout")
     if names is None:
-        names = list(methods_lib.DEFAULT_CLASSICAL) + (["network"] if model_dir else [])
-    return names, (model_dir if set(names) & set(NEEDS_NETWORK) else None)
+        names = list(DEFAULT_CLASSICAL) + (["network"] if model_dir else [])
+    return names, (model_dir if any(registry.needs_network(n) for n in names) else None)
 
 
 def check_directions(sequences: list, mode: str) -> dict:
@@ -81,38 +81,25 @@ def check_directions(sequences: list, mode: str) -> dict:
     return out
 
 
-def _run_pair(seq, k: int, names: list, network: tuple | None) -> dict:
-    gray_1, gray_k = real_pairs.read_gray(seq.images[1]), real_pairs.read_gray(seq.images[k])
+def _run_pair(seq, k: int, names: list, ctx: registry.Context) -> dict:
+    try:
+        image_1, image_k = photos.read(seq.images[1], ctx.channels), photos.read(seq.images[k], ctx.channels)
+        found = photos.estimate(names, image_k, image_1, ctx)  # A = image k, B = image 1: H is H_1_k
+    except (photos.PhotoError, registry.MethodError, parallel.WorkerError) as e:
+        raise RealPairsError(f"{seq.name} 1-{k}: {e}") from None
     results = {}
-    for name in names:
-        start = time.perf_counter()
-        if name == "network":
-            h, ok, reason = _network_homography(seq, k, network)
-        elif name == "sift_or_network":  # SIFT at full resolution; the network only where SIFT fails
-            h, ok, reason = real_pairs.estimate_image("sift", gray_k, gray_1)
-            if not ok:
-                h, ok, reason = _network_homography(seq, k, network)
-        else:
-            h, ok, reason = real_pairs.estimate_image(name, gray_k, gray_1)
-        seconds = time.perf_counter() - start
+    for name, result in found.items():
+        e = result.estimates[0]
+        h, ok, reason = (e.homography if e.homography is not None else np.eye(3)), e.ok, e.reason
         error = real_pairs.corner_error(h, seq.truths[k], seq.sizes[1])
         if not np.isfinite(error):  # a corner sent to infinity: a failure, scored as the identity
             h, ok, reason = np.eye(3), False, reason or "corner at infinity"
             error = real_pairs.corner_error(h, seq.truths[k], seq.sizes[1])
-        results[name] = {"error": round(error, 3), "ok": bool(ok), "reason": reason, "seconds": round(seconds, 4),
-                         "homography": np.round(h, 8).tolist()}
+        results[name] = {"error": round(error, 3), "ok": bool(ok), "reason": reason,
+                         "seconds": round(result.seconds, 4), "homography": np.round(h, 8).tolist(),
+                         "answered_by": e.source, "kept_start": e.kept_why if e.kept_start else None,
+                         "correlation": None if e.correlation is None else round(e.correlation, 5)}
     return results
-
-
-def _network_homography(seq, k: int, network: tuple) -> tuple:
-    from model import predict
-
-    model, run = network
-    with open(seq.images[k], "rb") as fa, open(seq.images[1], "rb") as fb:
-        # A = image k, B = image 1: predict's H (B -> A) is H_1_k.
-        pred = predict.predict_homography(fa.read(), fb.read(), "network", patch_size=int(run["patch_size"]),
-                                          channels=int(run["channels"]), model=model, rho=float(run["rho"]))
-    return pred.homography, pred.ok, pred.reason
 
 
 def evaluate_real(pairs_dir: str, output_dir: str, *, methods: list | None = None, model_dir: str | None = None,
@@ -133,11 +120,14 @@ def evaluate_real(pairs_dir: str, output_dir: str, *, methods: list | None = Non
             network = evaluate.load_run(model_dir)
         except evaluate.EvaluationError as e:
             raise RealPairsError(str(e)) from e
+    ctx = registry.Context(whole=True) if network is None else registry.Context(
+        model=network[0], rho=float(network[1]["rho"]), patch_size=int(network[1]["patch_size"]),
+        channels=int(network[1]["channels"]), whole=True)
     os.makedirs(output_dir, exist_ok=True)
     pairs = []
     for seq in sequences:
         for k in seq.pairs():
-            results = _run_pair(seq, k, names, network)
+            results = _run_pair(seq, k, names, ctx)
             check = directions.get(seq.name, {}).get(k)
             pairs.append({"sequence": seq.name, "group": seq.group, "k": k,
                           "image_1": seq.images[1], "image_k": seq.images[k],
@@ -169,8 +159,13 @@ def evaluate_real(pairs_dir: str, output_dir: str, *, methods: list | None = Non
 
 
 def _summaries(pairs: list, names: list) -> dict:
-    return {n: real_pairs.summarise([p["methods"][n]["error"] for p in pairs], [p["methods"][n]["ok"] for p in pairs],
-                                    [p["methods"][n]["seconds"] for p in pairs]) for n in names}
+    out = {}
+    for n in names:
+        rows = [p["methods"][n] for p in pairs]
+        out[n] = real_pairs.summarise([r["error"] for r in rows], [r["ok"] for r in rows], [r["seconds"] for r in rows])
+        if registry.refines(n):
+            out[n]["refinement_kept_start"] = sum(r["kept_start"] is not None for r in rows)
+    return out
 
 
 FLAGS = flags.FLAGS
@@ -180,8 +175,8 @@ def _define_flags():
     flags.DEFINE_string("pairs_dir", None, "An HPatches or Oxford sequence, or a folder of them")
     flags.DEFINE_string("output_dir", None, "Where the report goes")
     flags.DEFINE_string("model_dir", None, "Training run for the network (default: the shipped weights, if any)")
-    flags.DEFINE_list("methods", None, f"Methods among {','.join(KNOWN_METHODS)} "
-                                       "(default: identity,orb,sift,ecc, and network when weights are available)")
+    flags.DEFINE_list("methods", None, f"Comma list; {registry.GRAMMAR}. Default: identity,orb,sift,ecc, and "
+                                       "network when weights are available")
     flags.DEFINE_enum("direction_check", "refuse", list(DIRECTION_MODES),
                       "A ground truth that aligns the images better inverted or transposed: refuse the run, "
                       "warn and evaluate it as given, or do not check")
@@ -206,11 +201,13 @@ def main(argv):
 
 
 def summary_text(report: dict, output_dir: str) -> str:
+    width = max([16] + [len(n) for n in report["overall"]])
     lines = [f"{report['num_pairs']} pairs in {report['num_sequences']} sequence(s) of {report['pairs_dir']}",
-             "method             mean   median  <3px   AUC@10  failures  s/pair"]
+             f"{'method':<{width}}   mean   median  <3px   AUC@10  failures  s/pair  kept start"]
     for name, s in report["overall"].items():
-        lines.append(f"{name:<16} {s['mean_error']:>6.2f} {s['median_error']:>7.2f}  {s['accuracy']['3']:.2f}"
-                     f"   {s['auc']['10']:.3f}   {s['failures']:>5}   {s['seconds_per_pair']:.3f}")
+        kept = s.get("refinement_kept_start", "")
+        lines.append(f"{name:<{width}} {s['mean_error']:>6.2f} {s['median_error']:>7.2f}  {s['accuracy']['3']:.2f}"
+                     f"   {s['auc']['10']:.3f}   {s['failures']:>5}   {s['seconds_per_pair']:.3f}   {kept}")
     for w in report["direction_warnings"]:
         lines.append(f"direction warning: {w}")
     lines.append(f"report: {os.path.join(output_dir, 'real_report.md')}")

@@ -1,119 +1,88 @@
-"""The homography between two photos of any size, with the network or a classical method.
+"""The homography between two photos of any size, by any method of model.estimators.registry.
 
-  python -m model.predict [--model_dir=RUN] --image_a=A.jpg --image_b=B.jpg [--output=VIS.png]
-                          [--method=network|sift|orb|ecc]          (no --model_dir: the shipped weights)
-  python -m model.predict --method=sift --image_a=A.jpg --image_b=B.jpg      (no model: --patch_size, --color)
+  python -m model.predict --image_a=A.jpg --image_b=B.jpg [--method=auto] [--model_dir=RUN] [--output=VIS.png]
+  python -m model.predict --method=sift+ecc --image_a=A.jpg --image_b=B.jpg    (no network: no model needed)
 
-Prints H, the 3x3 homography that maps a pixel of image B to its position in image A (the direction of
-DESIGN.md's H_local), and with --output draws B's outline mapped into A, beside B.
+Prints which method answered (a chain's member), the final correlation of a refined method, and H, the
+3x3 homography that maps a pixel of image B to its position in image A (the direction of DESIGN.md's
+H_local); with --output it draws B's outline mapped into A, beside B. The default method is `auto`: the
+network, the network on 8 views and SIFT, each refined by ECC, keeping the one whose alignment
+correlates best (BUILD_NOTES.md section 4 measures it against each of its parts). Without --model_dir the
+network is the project's shipped weights.
 
-How the sizes are handled. Both images are decoded and converted exactly as the dataset builder does
-(grayscale, or BGR colour when the run was trained with --color; pipeline.builder.coco.decode_resize) and resized
-to the model's input, P x P (P = the run's patch_size, 128), whatever their size and aspect ratio. The
-method estimates H_local on these P x P images (B -> A). With S_a and S_b the matrices that take an
-original pixel of A and of B to the resized frame,
+Sizes (model.estimators.photos). The classical methods and refinement run on the photos as given; a photo
+whose long side is above 1600 px is worked on downscaled to 1600 px and H mapped back exactly
+(H = S_a^-1 . H_small . S_b). The network sees each photo squeezed to its P x P input, converted as the
+dataset builder converts (grayscale, or BGR colour for a --color run), and its H_local is mapped to the
+photos' pixels, H = S_a^-1 . H_local . S_b with S = [[sx, 0, (sx - 1) / 2], [0, sy, (sy - 1) / 2], [0, 0, 1]],
+sx = P / width, sy = P / height (pixel centres at integers, as cv2.resize maps them); `+ecc` refines it
+there, at full resolution. The network saw 128 px crops of 320 x 240 images in training, so a squeezed
+photo is a coarser input: alone it is meaningful while the motion stays within about rho of that frame.
 
-    S = [[sx, 0, (sx - 1) / 2], [0, sy, (sy - 1) / 2], [0, 0, 1]],   sx = P / width, sy = P / height
-
-(pixel centres at integer coordinates, as OpenCV's resize and warpPerspective place them:
-x' = sx (x + 1/2) - 1/2), the homography between the original images is
-
-    H = S_a^-1 · H_local · S_b
-
-(B's pixel -> resized B -> resized A -> A's pixel). The network saw 128 px crops of 320 x 240 images in
-training, so a whole photo squeezed to 128 x 128 is a different (coarser) input; it still works while the
-motion between the photos is within about rho of the resized frame. The classical methods run on the
-same resized images so that the comparison is fair, and predict_homography below is the same code path
-that model.evaluate scores (model.estimators.methods).
+Bounds, checked before any work, each refused with one line naming the file or flag and exit status 2:
+an unknown method name; --output whose extension OpenCV cannot write; an encoded photo above 512 MiB or
+above 100 megapixels.
 """
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 
 import cv2
 import numpy as np
 from absl import flags
 
-from model.estimators import methods as methods_lib
-from pipeline.builder import coco
-from pipeline.dataset import geometry
+from model.estimators import parallel, photos, registry
 from pipeline.runtime import cli
+
+DEFAULT_METHOD = "auto"
 
 
 class PredictError(ValueError):
     """A prediction that cannot run; the message names the problem."""
 
 
-def scale_matrix(width: int, height: int, size: int) -> np.ndarray:
-    """S: an original pixel (x, y) of a width x height image -> its position after resizing to size x size."""
-    sx, sy = size / width, size / height
-    return np.array([[sx, 0, (sx - 1) / 2], [0, sy, (sy - 1) / 2], [0, 0, 1]], np.float64)
-
-
-def to_original_frames(h_local: np.ndarray, size_a: tuple, size_b: tuple, patch_size: int) -> np.ndarray:
-    """H = S_a^-1 H_local S_b, normalised so H[2, 2] = 1. size_* = (width, height) of the originals."""
-    h = np.linalg.inv(scale_matrix(*size_a, patch_size)) @ np.asarray(h_local, np.float64) \
-        @ scale_matrix(*size_b, patch_size)
-    return h / h[2, 2]
-
-
 def load_image(path: str) -> bytes:
     try:
+        if os.path.getsize(path) > photos.MAX_FILE_BYTES:
+            raise PredictError(f"{path}: {os.path.getsize(path)} bytes, more than the {photos.MAX_FILE_BYTES} "
+                               f"accepted")
         with open(path, "rb") as f:
             return f.read()
     except OSError as e:
         raise PredictError(f"cannot read {path}: {e.strerror or e}") from e
 
 
-def model_input(data: bytes, patch_size: int, channels: int, name: str = "image") -> tuple:
-    """(P x P x C uint8 input converted like the builder does, (width, height) of the original)."""
-    try:
-        small = coco.decode_resize(data, patch_size, patch_size, channels)
-    except coco.ImageError as e:
-        raise PredictError(f"{name}: {e}") from e
-    # The original size, decoded with the same flag (so EXIF orientation is applied the same way).
-    original = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_GRAYSCALE if channels == 1 else cv2.IMREAD_COLOR)
-    return small.reshape(patch_size, patch_size, channels), (original.shape[1], original.shape[0])
-
-
 @dataclasses.dataclass(frozen=True)
 class Prediction:
     homography: np.ndarray  # H, 3x3: a pixel of image B -> its position in image A (original sizes)
-    h_local: np.ndarray     # the same in the P x P resized frames
-    offsets: np.ndarray     # (4, 2), H_local(c) - c, as evaluated
-    ok: bool                # False: the method failed and H is the identity of the resized frames
+    ok: bool                # False: the method failed and H is the identity
     reason: str
-
-
-def predict_patches(method: str, patch_a: np.ndarray, patch_b: np.ndarray, *, model=None,
-                    rho: float | None = None) -> tuple:
-    """(offsets (4, 2), ok, reason) on one P x P pair: the call model.evaluate scores, one pair at a time."""
-    if method in ("network", "network_tta"):
-        if model is None or rho is None:
-            raise PredictError(f"method '{method}' needs a model (--model_dir)")
-        fn = methods_lib.network_offsets_tta if method == "network_tta" else methods_lib.network_offsets
-        offsets = fn(model, patch_a[None], patch_b[None], rho, batch_size=8)[0]
-        if not np.isfinite(offsets).all():  # a diverged model: the identity, as evaluation scores it
-            return np.zeros((4, 2), np.float32), False, "non-finite output"
-        return offsets, True, ""
-    try:
-        e = methods_lib.estimate(method, patch_a, patch_b)
-    except ValueError as err:
-        raise PredictError(str(err)) from err
-    return e.offsets, e.ok, e.reason
+    answered_by: str        # the method that answered (a chain's member; X when X+ecc kept X's start)
+    correlation: float | None  # refined methods: ECC correlation of the final alignment
+    kept_start: str         # why refinement kept its start ("" when it did not, or nothing was refined)
+    seconds: float
 
 
 def predict_homography(image_a: bytes, image_b: bytes, method: str, *, patch_size: int = 128, channels: int = 1,
-                       model=None, rho: float | None = None) -> Prediction:
-    """H between two encoded images of any size (B -> A), through the P x P frame (see the module docstring)."""
-    a, size_a = model_input(image_a, patch_size, channels, "image_a")
-    b, size_b = model_input(image_b, patch_size, channels, "image_b")
-    offsets, ok, reason = predict_patches(method, a, b, model=model, rho=rho)
-    # The 4-point form defines H_local exactly, for the network and the homography methods alike.
-    h_local = geometry.homography_local(offsets, patch_size)
-    return Prediction(to_original_frames(h_local, size_a, size_b, patch_size), h_local,
-                      np.asarray(offsets, np.float32).reshape(4, 2), ok, reason)
+                       model=None, rho: float | None = None, workers: int = 1) -> Prediction:
+    """H between two encoded photos of any size (B -> A), in their own pixels (see the module docstring).
+    patch_size, channels: the network's input (its run's); workers: processes for the per-pair work."""
+    try:
+        registry.parse(method)
+        if registry.needs_network(method) and (model is None or rho is None):
+            raise PredictError(f"method '{method}' needs a model (--model_dir)")
+        a = photos.decode(image_a, channels, "image_a")
+        b = photos.decode(image_b, channels, "image_b")
+        ctx = registry.Context(model=model, rho=rho, patch_size=patch_size, channels=channels, whole=True)
+        with parallel.Pool(workers) as pool:
+            result = photos.estimate([method], a, b, dataclasses.replace(ctx, pool=pool))[method]
+    except (registry.MethodError, photos.PhotoError, parallel.WorkerError) as e:
+        raise PredictError(str(e)) from None
+    e = result.estimates[0]
+    return Prediction(e.homography if e.ok else np.eye(3), e.ok, e.reason, e.source, e.correlation,
+                      e.kept_why if e.kept_start else "", result.seconds)
 
 
 def draw(image_a: bytes, image_b: bytes, h: np.ndarray, path: str, label: str) -> None:
@@ -146,55 +115,76 @@ FLAGS = flags.FLAGS
 
 def _define_flags():
     """Defined when the CLI runs, not at import: other modules (pipeline.build, model.train) use the same names."""
-    flags.DEFINE_string("model_dir", None, "Training run (model.keras + config.json) for --method=network; "
-                        "default: the project's shipped weights (data/weights/compact_rho32)")
-    flags.DEFINE_string("image_a", None, "First image (any size, any format OpenCV reads)")
+    flags.DEFINE_string("model_dir", None, "Training run (model.keras + config.json) for the methods that use the "
+                        "network; default: the project's shipped weights (data/weights/compact_rho32)")
+    flags.DEFINE_string("image_a", None, "First image (any size up to 100 megapixels, any format OpenCV reads)")
     flags.DEFINE_string("image_b", None, "Second image")
-    flags.DEFINE_string("output", None, "Optional PNG: B's outline mapped into A, beside B")
-    flags.DEFINE_enum("method", "network", ["network", "network_tta", "sift", "orb", "orb_default", "ecc", "identity"],
-                      "Estimator (network_tta: the network on the pair's 8 flips and transposes, averaged)")
-    flags.DEFINE_integer("patch_size", 128, "Input size P for a classical method without --model_dir")
-    flags.DEFINE_bool("color", False, "Colour input for a classical method without --model_dir")
+    flags.DEFINE_string("output", None, "Optional image file (.png, .jpg, ...): B's outline mapped into A, beside B")
+    flags.DEFINE_string("method", DEFAULT_METHOD, f"Estimator; {registry.GRAMMAR}")
+    flags.DEFINE_integer("workers", 1, "Processes for the per-pair work (1: this process)")
 
 
 def _fail(message: str) -> int:
     return cli.fail("model.predict", message)
 
 
+def _check_flags() -> None:
+    """The bounds that need no image: PredictError (one line) before any work."""
+    if not FLAGS.image_a or not FLAGS.image_b:
+        raise PredictError("--image_a and --image_b are required")
+    try:
+        registry.parse(FLAGS.method)
+    except registry.MethodError as e:
+        raise PredictError(f"--method: {e}") from None
+    if FLAGS.output is not None and not cv2.haveImageWriter(FLAGS.output):
+        raise PredictError(f"--output={FLAGS.output}: not an image file name OpenCV can write "
+                           f"(give it an extension such as .png or .jpg)")
+    if FLAGS.workers < 1:
+        raise PredictError(f"--workers must be >= 1, got {FLAGS.workers}")
+
+
 def main(argv):
     if len(argv) > 1:
         return _fail(f"unexpected arguments: {' '.join(argv[1:])}")
-    if not FLAGS.image_a or not FLAGS.image_b:
-        return _fail("--image_a and --image_b are required")
     try:
-        model, rho = None, None
-        patch_size, channels = FLAGS.patch_size, 3 if FLAGS.color else 1
-        model_dir = FLAGS.model_dir
-        if FLAGS.method in ("network", "network_tta") and not model_dir:
+        _check_flags()
+        model, run, model_dir = None, {}, FLAGS.model_dir
+        if registry.needs_network(FLAGS.method) and not model_dir:
             from model import network
 
             model_dir = network.shipped_model_dir()  # the project's trained weights, where this checkout has them
             if not model_dir:
-                raise PredictError(f"--method={FLAGS.method} needs --model_dir (this checkout has no shipped weights in "
-                                   f"{network.SHIPPED_MODEL_DIR}), or pick --method=sift|orb|ecc")
+                raise PredictError(f"--method={FLAGS.method} needs --model_dir (this checkout has no shipped weights "
+                                   f"in {network.SHIPPED_MODEL_DIR}), or pick --method=sift|sift+ecc|orb|ecc")
         if model_dir:
             model, run = _load(model_dir)
-            patch_size, channels, rho = int(run["patch_size"]), int(run["channels"]), float(run["rho"])
         a, b = load_image(FLAGS.image_a), load_image(FLAGS.image_b)
-        pred = predict_homography(a, b, FLAGS.method, patch_size=patch_size, channels=channels, model=model, rho=rho)
+        pred = predict_homography(a, b, FLAGS.method, patch_size=int(run.get("patch_size", 128)),
+                                  channels=int(run.get("channels", 1)), model=model,
+                                  rho=float(run["rho"]) if run else None, workers=FLAGS.workers)
         if FLAGS.output:
-            draw(a, b, pred.homography, FLAGS.output, FLAGS.method if pred.ok else f"{FLAGS.method}: FAILED")
+            draw(a, b, pred.homography, FLAGS.output,
+                 f"{FLAGS.method}: {pred.answered_by}" if pred.ok else f"{FLAGS.method}: FAILED")
     except PredictError as e:
         return _fail(str(e))
     if not pred.ok:
-        print(f"warning: {FLAGS.method} failed ({pred.reason}); H is the identity of the resized frames",
-              file=sys.stderr)
+        print(f"warning: {FLAGS.method} failed ({pred.reason}); H is the identity", file=sys.stderr)
+    print(summary_line(FLAGS.method, pred))
     print(f"H ({FLAGS.method}; maps a pixel of {FLAGS.image_b} to {FLAGS.image_a}):")
     with np.printoptions(precision=6, suppress=True):
         print(pred.homography)
     if FLAGS.output:
         print(f"drawing: {FLAGS.output}")
     return 0
+
+
+def summary_line(method: str, pred: Prediction) -> str:
+    line = f"method {method}: answered by {pred.answered_by or method}"
+    if pred.correlation is not None:
+        line += f", final correlation {pred.correlation:.4f}"
+    if pred.kept_start:
+        line += f" (refinement kept the start: {pred.kept_start})"
+    return line + f"; {pred.seconds:.2f} s"
 
 
 def _load(model_dir: str):

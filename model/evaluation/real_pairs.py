@@ -1,5 +1,5 @@
 """Real image pairs with ground-truth homographies: reading the two common layouts, checking the direction of
-their ground truth, the classical methods at the images' own resolution, and the corner-error metrics.
+their ground truth, and the corner-error metrics (the methods themselves: model.estimators).
 
 Layouts (detected by their files; anything else is refused with a message naming the problem):
   HPatches   a folder per sequence (i_* illumination, v_* viewpoint): 1.ppm ... 6.ppm, H_1_2 ... H_1_6
@@ -14,14 +14,13 @@ A = image k and B = image 1, which is exactly H_1_k.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import os
 import re
 
 import cv2
 import numpy as np
 
-from model.estimators import methods as methods_lib
+from model.estimators.estimate import image_corners, resize_matrix
 
 IMAGE_EXTENSIONS = ("ppm", "pgm", "png", "jpg", "jpeg")
 LAYOUTS = {  # name -> (image file pattern, H file pattern, how to name H_1_k)
@@ -36,6 +35,13 @@ OXFORD_GROUPS = {"leuven": "illumination", "graf": "viewpoint", "wall": "viewpoi
 
 THRESHOLDS = (1, 3, 5, 10)       # share of pairs with a corner error under these (px)
 AUC_THRESHOLDS = (3, 5, 10)      # AUC of the cumulative error curve up to these (SuperGlue / LoFTR)
+
+
+# Bounds on a ground truth normalised to H[2, 2] = 1: a translation of a million pixels, or a perspective term
+# that sends a point 10 px from the origin to infinity, is no photo pair (a file of 1e300 entries would
+# otherwise reach the report as inf and NaN).
+MAX_TRUTH_ENTRY = 1e6
+MAX_TRUTH_PERSPECTIVE = 0.1
 
 
 class RealPairsError(ValueError):
@@ -99,7 +105,12 @@ def read_homography(path: str) -> np.ndarray:
         raise RealPairsError(f"{path}: a {h.shape[0]}x{h.shape[1]} matrix, expected 3x3")
     if not np.all(np.isfinite(h)) or abs(h[2, 2]) < 1e-12 or abs(np.linalg.det(h / h[2, 2])) < 1e-12:
         raise RealPairsError(f"{path}: not an invertible homography")
-    return h / h[2, 2]
+    h = h / h[2, 2]
+    if np.abs(h).max() > MAX_TRUTH_ENTRY or np.abs(h[2, :2]).max() > MAX_TRUTH_PERSPECTIVE:
+        raise RealPairsError(f"{path}: absurd entries (largest {np.abs(h).max():.3g}; a photo's homography "
+                             f"normalised to H[2, 2] = 1 has entries under {MAX_TRUTH_ENTRY:g} and perspective "
+                             f"terms under {MAX_TRUTH_PERSPECTIVE:g})")
+    return h
 
 
 def read_gray(path: str) -> np.ndarray:
@@ -162,12 +173,6 @@ def discover(pairs_dir: str) -> list:
 
 # ---- metrics ----
 
-def image_corners(size: tuple) -> np.ndarray:
-    """(4, 2) corners of a width x height image at pixel centres: TL, TR, BR, BL (SuperPoint's convention)."""
-    w, h = size
-    return np.float64([[0, 0], [w - 1, 0], [w - 1, h - 1], [0, h - 1]])
-
-
 def corner_error(h_est: np.ndarray, h_true: np.ndarray, size_1: tuple) -> float:
     """Mean distance between image 1's corners mapped by the estimate and by the truth (pixels of image k);
     inf when the estimate sends a corner to infinity."""
@@ -204,72 +209,6 @@ def summarise(errors, ok, seconds) -> dict:
             "auc": error_auc(finite),
             "failures": int(np.sum(~ok)),
             "seconds_per_pair": round(float(np.mean(seconds)), 4) if len(errors) else None}
-
-
-# ---- the classical methods on whole images (model.estimators.methods' code, image-sized settings) ----
-
-@functools.lru_cache(maxsize=None)
-def _detector(method: str):
-    # Whole photos have plenty of texture: OpenCV's SIFT defaults; ORB with 5000 features instead of 500
-    # (boat: 2-3 px instead of failing on the zoomed pairs). methods.py's patch settings are for 128 px.
-    return {"sift": lambda: cv2.SIFT_create(), "orb": lambda: cv2.ORB_create(nfeatures=5000),
-            "orb_default": cv2.ORB_create}[method]()
-
-
-NORMS = {"sift": cv2.NORM_L2, "orb": cv2.NORM_HAMMING, "orb_default": cv2.NORM_HAMMING}
-ECC_SIDE = 320        # ECC runs on copies at most this long (a full-size ECC costs seconds per level)
-ECC_LEVELS = 4        # 320 -> 40 px at the coarsest level, where the translation is fitted
-MAX_AREA_RATIO = 100  # a mapped image 1 more than 10x larger or smaller than itself is nonsense
-
-
-def resize_matrix(size: tuple, new_size: tuple) -> np.ndarray:
-    """A pixel of a size image -> its position after cv2.resize to new_size (pixel centres at integers)."""
-    sx, sy = new_size[0] / size[0], new_size[1] / size[1]
-    return np.array([[sx, 0, (sx - 1) / 2], [0, sy, (sy - 1) / 2], [0, 0, 1]], np.float64)
-
-
-def plausibility(h: np.ndarray, size_b: tuple) -> str:
-    """'' when H maps image B's corners to a convex, same-orientation quadrilateral of sane area."""
-    problem, q = methods_lib.quadrilateral_problem(h, image_corners(size_b))
-    if problem:
-        return problem
-    area = 0.5 * abs(np.sum(q[:, 0] * np.roll(q[:, 1], -1) - np.roll(q[:, 0], -1) * q[:, 1]))
-    ratio = area / ((size_b[0] - 1) * (size_b[1] - 1))
-    if not 1 / MAX_AREA_RATIO <= ratio <= MAX_AREA_RATIO:
-        return "degenerate homography (area ratio %.3g)" % ratio
-    return ""
-
-
-def _ecc(gray_a: np.ndarray, gray_b: np.ndarray) -> tuple:
-    small, mats = [], []
-    for g in (gray_a, gray_b):
-        s = min(1.0, ECC_SIDE / max(g.shape))
-        new = (max(1, round(g.shape[1] * s)), max(1, round(g.shape[0] * s)))
-        small.append(cv2.resize(g, new, interpolation=cv2.INTER_AREA) if s < 1 else g)
-        mats.append(resize_matrix((g.shape[1], g.shape[0]), new) if s < 1 else np.eye(3))
-    try:
-        w, corr = methods_lib.ecc_homography(small[0], small[1], ECC_LEVELS)
-    except cv2.error as e:
-        return None, f"ECC failed: {methods_lib._cv_message(e)}"
-    if not np.isfinite(corr) or corr < methods_lib.ECC_MIN_CORRELATION:
-        return None, f"ECC correlation too low ({corr:.2f} < {methods_lib.ECC_MIN_CORRELATION})"
-    return np.linalg.inv(mats[0]) @ w @ mats[1], ""
-
-
-def estimate_image(method: str, gray_a: np.ndarray, gray_b: np.ndarray) -> tuple:
-    """(H B -> A in the images' own pixels, ok, reason) for a classical method; the identity when it fails."""
-    if method == "identity":
-        return np.eye(3), True, ""
-    if method == "ecc":
-        h, reason = _ecc(gray_a, gray_b)
-    elif method in NORMS:
-        h, reason = methods_lib.keypoint_homography(gray_a, gray_b, _detector(method), NORMS[method])
-    else:
-        raise RealPairsError(f"unknown classical method '{method}'")
-    reason = reason or plausibility(h, (gray_b.shape[1], gray_b.shape[0]))
-    if reason:
-        return np.eye(3), False, reason
-    return h / h[2, 2], True, ""
 
 
 # ---- the direction check ----

@@ -18,6 +18,7 @@ import numpy as np  # noqa: E402
 
 from model.evaluation import real_pairs  # noqa: E402
 from model.evaluation.report import colour  # noqa: E402
+from model.estimators.estimate import image_corners  # noqa: E402
 
 JSON_FILE, MARKDOWN_FILE, CURVES_FILE, FIGURES_DIR = "real_report.json", "real_report.md", "error_curves.png", "figures"
 
@@ -63,6 +64,11 @@ def markdown(report: dict) -> str:
         lines += [f"Network: {m['model_dir']} ({m['patch_size']} px input, trained with rho {m['rho']}); both "
                   f"photos are squeezed to {m['patch_size']} x {m['patch_size']} (model.predict).", ""]
     lines += ["## All pairs", ""] + _table(report["overall"]) + [""]
+    kept = {n: s["refinement_kept_start"] for n, s in report["overall"].items() if "refinement_kept_start" in s}
+    if kept:
+        lines += ["Refinement (X+ecc: ECC from X's H at full resolution) kept its start on: "
+                  + ", ".join(f"`{n}` {v} of {report['num_pairs']}" for n, v in kept.items())
+                  + " pairs (failed, implausible, or a lower correlation; per pair below: '(start kept)').", ""]
     if len(report["groups"]) > 1:
         for group, summaries in report["groups"].items():
             lines += [f"## Group: {group}", ""] + _table(summaries) + [""]
@@ -73,7 +79,8 @@ def markdown(report: dict) -> str:
               "| sequence | pair | " + " | ".join(names) + " | direction check (NCC given / best other) |",
               "|" + "---|" * (len(names) + 3)]
     for p in report["pairs"]:
-        errs = [f"{p['methods'][n]['error']}" + ("" if p["methods"][n]["ok"] else " (failed)") for n in names]
+        errs = [f"{p['methods'][n]['error']}" + ("" if p["methods"][n]["ok"] else " (failed)")
+                + (" (start kept)" if p["methods"][n].get("kept_start") else "") for n in names]
         check = p["direction_check"]
         if check:
             others = {k: v for k, v in check["scores"].items() if k != "given" and v is not None}
@@ -111,7 +118,7 @@ def error_curves(report: dict, path: str) -> None:
 def pair_figure(pair: dict, path: str) -> None:
     """Image k with image 1's outline mapped in by the truth (dashed green) and by each method."""
     image = real_pairs.read_gray(pair["image_k"])
-    c = real_pairs.image_corners(pair["size_1"])
+    c = image_corners(pair["size_1"])
     wk, hk = pair["size_k"]
     fig, ax = plt.subplots(figsize=(7, 6))
     ax.imshow(image, cmap="gray", vmin=0, vmax=255)

@@ -26,15 +26,17 @@ HISTOGRAM_FILE = "mace_histograms.png"
 
 # The table's columns: (header, key in a method's entry). The test parses the table back with these.
 COLUMNS = (("method", None), ("pairs", "num_pairs"), ("mean MACE (px)", "mean_mace"),
-           ("median MACE (px)", "median_mace"), ("p90 MACE (px)", "p90_mace"),
+           ("median MACE (px)", "median_mace"), ("p90 MACE (px)", "p90_mace"), ("under 1 px", "under_1px"),
            ("failure rate", "failure_rate"), ("seconds / pair", "seconds_per_pair"))
 
 COLOURS = {"true": "#2ca02c", "identity": "#7f7f7f", "orb": "#1f77b4", "orb_default": "#17becf",
-           "sift": "#ff7f0e", "ecc": "#9467bd", "network": "#d62728", "sift_or_network": "#e377c2"}
+           "sift": "#ff7f0e", "ecc": "#9467bd", "network": "#d62728", "sift_or_network": "#e377c2",
+           "network_tta": "#bcbd22", "auto": "#000000"}
 
 
 def colour(method: str) -> str:
-    return COLOURS.get(method, "#8c564b")
+    """A method's colour; a refined method (X+ecc) has X's."""
+    return COLOURS.get(method, COLOURS.get(method.split("+")[0], "#8c564b"))
 
 
 def write_json(report: dict, output_dir: str) -> str:
@@ -57,6 +59,7 @@ def markdown(report: dict) -> str:
     lines += ["| " + " | ".join(h for h, _ in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for name, entry in report["methods"].items():
         lines.append("| " + " | ".join([name] + [str(entry[k]) for _, k in COLUMNS[1:]]) + " |")
+    lines += _chain_notes(report["methods"])
     ident = report["identity_check"]
     lines += ["", f"Identity sanity line: expected MACE 0.765 * rho = {ident['expected_mace']} px, "
               f"measured {ident['measured_mace']} px.", "",
@@ -72,6 +75,24 @@ def markdown(report: dict) -> str:
     for path in figures.get("pairs", []):
         lines += [f"![{path}]({path})"]
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _counts(counter: dict) -> str:
+    return ", ".join(f"{k} {v}" for k, v in counter.items())
+
+
+def _chain_notes(methods: dict) -> list:
+    """How often each refined method kept its start (and why), and which member of a chain answered."""
+    lines = []
+    for name, entry in methods.items():
+        if "refinement_kept_start" in entry:
+            why = entry["refinement_kept_reasons"]
+            lines.append(f"- `{name}`: refinement kept its start on {entry['refinement_kept_start']} of "
+                         f"{entry['num_pairs']} pairs" + (f" ({_counts(why)})" if why else ""))
+        if "answered_by" in entry:
+            lines.append(f"- `{name}` answered by: {_counts(entry['answered_by'])}")
+    return ["", "Refinement and chains (X+ecc: ECC from X's H; the start is kept when ECC fails, gives an "
+            "implausible H or a lower correlation):", ""] + lines if lines else []
 
 
 def write_markdown(report: dict, output_dir: str) -> str:
