@@ -138,7 +138,7 @@ def _summary(name: str, errors: np.ndarray, c: _Collected) -> dict:
     if registry.refines(name):
         out["refinement_kept_start"] = int(sum(c.kept.values()))
         out["refinement_kept_reasons"] = _by_count(c.kept)
-    if len(c.answered_by) > 1 or (c.answered_by and name not in c.answered_by):
+    if registry.is_chain(name):
         out["answered_by"] = _by_count(c.answered_by)
     return out
 

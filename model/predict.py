@@ -66,15 +66,17 @@ class Prediction:
 
 
 def predict_homography(image_a: bytes, image_b: bytes, method: str, *, patch_size: int = 128, channels: int = 1,
-                       model=None, rho: float | None = None, workers: int = 1) -> Prediction:
+                       model=None, rho: float | None = None, workers: int = 1,
+                       names: tuple = ("image_a", "image_b")) -> Prediction:
     """H between two encoded photos of any size (B -> A), in their own pixels (see the module docstring).
-    patch_size, channels: the network's input (its run's); workers: processes for the per-pair work."""
+    patch_size, channels: the network's input (its run's); workers: processes for the per-pair work;
+    names: how errors name the two photos."""
     try:
         registry.parse(method)
         if registry.needs_network(method) and (model is None or rho is None):
             raise PredictError(f"method '{method}' needs a model (--model_dir)")
-        a = photos.decode(image_a, channels, "image_a")
-        b = photos.decode(image_b, channels, "image_b")
+        a = photos.decode(image_a, channels, names[0])
+        b = photos.decode(image_b, channels, names[1])
         ctx = registry.Context(model=model, rho=rho, patch_size=patch_size, channels=channels, whole=True)
         with parallel.Pool(workers) as pool:
             result = photos.estimate([method], a, b, dataclasses.replace(ctx, pool=pool))[method]
@@ -161,7 +163,8 @@ def main(argv):
         a, b = load_image(FLAGS.image_a), load_image(FLAGS.image_b)
         pred = predict_homography(a, b, FLAGS.method, patch_size=int(run.get("patch_size", 128)),
                                   channels=int(run.get("channels", 1)), model=model,
-                                  rho=float(run["rho"]) if run else None, workers=FLAGS.workers)
+                                  rho=float(run["rho"]) if run else None, workers=FLAGS.workers,
+                                  names=(f"image_a {FLAGS.image_a}", f"image_b {FLAGS.image_b}"))
         if FLAGS.output:
             draw(a, b, pred.homography, FLAGS.output,
                  f"{FLAGS.method}: {pred.answered_by}" if pred.ok else f"{FLAGS.method}: FAILED")

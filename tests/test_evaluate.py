@@ -130,7 +130,7 @@ def tiny_run(built_dataset, tmp_path_factory):
 
 def test_network_is_evaluated_batched(built_dataset, tiny_run, tmp_path):
     from model import network
-    from model.estimators import methods
+    from model.estimators import learned
 
     result = evaluate.evaluate(built_dataset, "validation", str(tmp_path), model_dir=tiny_run,
                                max_pairs=20, num_visualizations=1, batch_size=8)
@@ -142,10 +142,10 @@ def test_network_is_evaluated_batched(built_dataset, tiny_run, tmp_path):
     from model.training import data
     batch = next(iter(data.read_batches(built_dataset, "validation", 20)))
     model, run = network.load(tiny_run)
-    pred = methods.network_offsets(model, batch["patch_a"].numpy(), batch["patch_b"].numpy(), run["rho"])
+    pred = learned.network_offsets(model, batch["patch_a"].numpy(), batch["patch_b"].numpy(), run["rho"])
     errors = np.linalg.norm(pred - batch["offsets"].numpy().reshape(-1, 4, 2), axis=-1).mean(-1)
     assert net["mean_mace"] == pytest.approx(errors.mean(), abs=2e-3)
-    tta = methods.network_offsets_tta(model, batch["patch_a"].numpy(), batch["patch_b"].numpy(), run["rho"])
+    tta = learned.network_offsets_tta(model, batch["patch_a"].numpy(), batch["patch_b"].numpy(), run["rho"])
     errors = np.linalg.norm(tta - batch["offsets"].numpy().reshape(-1, 4, 2), axis=-1).mean(-1)
     assert result["methods"]["network_tta"]["mean_mace"] == pytest.approx(errors.mean(), abs=2e-3)
     # SIFT where it finds H, the network where it does not: never an identity fallback.
@@ -194,7 +194,26 @@ def test_predict_cli_with_the_network(tiny_run, tmp_path):
     image = textured_image(np.random.default_rng(2), 320, 240)
     cv2.imwrite(str(tmp_path / "a.jpg"), image)
     cv2.imwrite(str(tmp_path / "b.jpg"), cv2.resize(image[20:220, 30:300], (200, 150)))
-    proc = run_cli("model.predict", f"--model_dir={tiny_run}", f"--image_a={tmp_path}/a.jpg",
+    proc = run_cli("model.predict", f"--model_dir={tiny_run}", "--method=network", f"--image_a={tmp_path}/a.jpg",
                    f"--image_b={tmp_path}/b.jpg", f"--output={tmp_path}/vis.png")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "H (network;" in proc.stdout and (tmp_path / "vis.png").exists()
+
+
+def test_a_pool_of_workers_reports_what_one_process_does(built_dataset, tmp_path):
+    """The per-pair work over 2 processes: the same numbers, pair for pair, as in this process alone."""
+    runs = {}
+    for workers in (1, 2):
+        runs[workers] = evaluate.evaluate(built_dataset, "validation", str(tmp_path / str(workers)),
+                                          methods=["orb", "sift+ecc", "orb_or_ecc"], max_pairs=24,
+                                          num_visualizations=0, batch_size=8, workers=workers)
+    assert runs[1]["workers"] == 1 and runs[2]["workers"] == 2
+    for name in ("orb", "sift+ecc", "orb_or_ecc"):
+        one, pool = (dict(runs[w]["methods"][name]) for w in (1, 2))
+        one.pop("seconds_per_pair"), pool.pop("seconds_per_pair")
+        assert one == pool, name
+    assert runs[1]["pairs_fingerprint"] == runs[2]["pairs_fingerprint"]
+    assert "refinement_kept_start" in runs[1]["methods"]["sift+ecc"]
+    answered = runs[1]["methods"]["orb_or_ecc"]["answered_by"]
+    assert answered.get("ecc", 0) + answered.get("orb", 0) == 24 and "answered_by" not in runs[1]["methods"]["orb"]
+    assert answered["orb"] == 24 - runs[1]["methods"]["orb"]["failures"]

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from model import evaluate_real
+from model.estimators import classical
 from model.evaluation import real_pairs, real_report
 from model.evaluation.real_pairs import RealPairsError
 
@@ -143,13 +144,13 @@ def test_classical_methods_at_full_resolution():
     img1, img2 = views(cv2.GaussianBlur(textured_image(rng, 640, 480), (0, 0), 1.5), [MODERATE])
     g1, g2 = cv2.cvtColor(img1, cv2.COLOR_BGR2GRAY), cv2.cvtColor(img2, cv2.COLOR_BGR2GRAY)
     for method, tolerance in (("orb", 2.0), ("ecc", 1.0)):
-        h, ok, reason = real_pairs.estimate_image(method, g2, g1)
-        assert ok, reason
-        assert real_pairs.corner_error(h, MODERATE, (W, H)) < tolerance, method
-    # A flat pair has nothing to match: a counted failure, scored as the identity.
+        e = classical.estimate(method, g2, g1, whole=True)
+        assert e.ok, e.reason
+        assert real_pairs.corner_error(e.homography, MODERATE, (W, H)) < tolerance, method
+    # A flat pair has nothing to match: a counted failure (evaluate_real scores it as the identity).
     flat = np.full((H, W), 90, np.uint8)
-    h, ok, reason = real_pairs.estimate_image("sift", flat, flat)
-    assert not ok and reason and np.array_equal(h, np.eye(3))
+    e = classical.estimate("sift", flat, flat, whole=True)
+    assert not e.ok and e.reason and e.homography is None and not e.offsets.any()
 
 
 def copy_with_truth(sequences, tmp_path, name, k, truth):
@@ -208,7 +209,10 @@ def test_malformed_folders_are_refused_with_one_line(sequences, tmp_path):
     assert_clean_error(run_cli(f"--pairs_dir={tmp_path}/other", f"--output_dir={tmp_path}/r", "--methods=sift"),
                        "neither an HPatches sequence")
     assert_clean_error(run_cli(f"--pairs_dir={sequences}", f"--output_dir={tmp_path}/r", "--methods=sift,surf"),
-                       "unknown method(s) surf")
+                       "unknown method 'surf'", "X+ecc")
+    # a ground truth of absurd entries is refused before any work, naming the file (it once reached the report)
+    assert_clean_error(broken("absurd", lambda d: np.savetxt(d / "H_1_2", np.array([[1, 0, 1e300], [0, 1, 0], [0, 0, 1]]))),
+                       "H_1_2: absurd entries")
 
 
 def test_network_needs_weights(monkeypatch, tmp_path):
@@ -262,6 +266,24 @@ def test_network_goes_through_model_predict(sequences, tiny_run, tmp_path):
     proc = run_cli(f"--pairs_dir={one}", f"--output_dir={tmp_path}/r", "--methods=network",
                    f"--model_dir={tmp_path}/missing")
     assert_clean_error(proc, "does not exist")
+
+
+def test_refined_and_chained_names_on_whole_images(sequences, tiny_run, tmp_path):
+    one = os.path.join(sequences, "v_coco")
+    names = ["sift", "sift+ecc", "network_or_sift+ecc", "auto"]
+    report = evaluate_real.evaluate_real(one, str(tmp_path), methods=names, model_dir=tiny_run, figures=False)
+    for p in report["pairs"]:
+        sift, refined = p["methods"]["sift"], p["methods"]["sift+ecc"]
+        assert refined["ok"] and refined["correlation"] is not None
+        # refinement starts from SIFT's H at full resolution and keeps it unless it aligns the images better
+        assert refined["error"] <= sift["error"] + 0.05 and refined["error"] < 0.5, (sift, refined)
+        assert p["methods"]["auto"]["answered_by"] in ("network+ecc", "network_tta+ecc", "sift+ecc", "network",
+                                                       "network_tta", "sift")
+    assert set(report["overall"]) == set(names)
+    assert "refinement_kept_start" in report["overall"]["sift+ecc"] and "refinement_kept_start" not in \
+        report["overall"]["sift"]
+    with open(tmp_path / real_report.MARKDOWN_FILE) as f:
+        assert "kept its start on" in f.read()
 
 
 def test_smoke_on_the_real_sequence(tmp_path):

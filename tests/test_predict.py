@@ -7,7 +7,9 @@ import cv2
 import numpy as np
 import pytest
 
-from model import predict
+from model import evaluate_real, predict
+from model.estimators import learned, photos
+from model.estimators.estimate import resize_matrix
 from pipeline.dataset import geometry
 from tests.conftest import textured_image
 
@@ -56,7 +58,7 @@ def test_sift_recovers_a_known_warp_in_the_original_frames(warped_pair):
     errors = corner_errors(pred.homography, h_true, size_b)
     assert errors.max() < 3.0, errors
     # The identity of the resized frames is far off: the tolerance does discriminate.
-    assert corner_errors(predict.to_original_frames(np.eye(3), (400, 300), size_b, 128), h_true, size_b).min() > 15
+    assert corner_errors(learned.to_photos(np.eye(3), (400, 300), size_b, 128), h_true, size_b).min() > 15
 
 
 def test_scaling_back_is_exact_for_a_pure_resize(tmp_path):
@@ -64,8 +66,8 @@ def test_scaling_back_is_exact_for_a_pure_resize(tmp_path):
     for size_a, size_b in (((400, 300), (200, 150)), ((321, 257), (640, 480))):
         # An A pixel x lands at S_a x in the P frame; a B pixel at S_b x: B -> A is S_a^-1 S_b, and
         # H_local = I in the P frame.
-        h = predict.to_original_frames(np.eye(3), size_a, size_b, 128)
-        sa, sb = predict.scale_matrix(*size_a, 128), predict.scale_matrix(*size_b, 128)
+        h = learned.to_photos(np.eye(3), size_a, size_b, 128)
+        sa, sb = resize_matrix(size_a, (128, 128)), resize_matrix(size_b, (128, 128))
         np.testing.assert_allclose(h, np.linalg.inv(sa) @ sb, atol=1e-12)
         # S is cv2.resize's own pixel-centre mapping (x' = sx (x + 0.5) - 0.5): a smooth blob's centre
         # moves where S says. A plain x' = sx x would be off by (sx - 1) / 2, up to ~0.4 px here.
@@ -106,7 +108,9 @@ def test_network_without_model_dir_uses_the_shipped_weights(warped_pair):
         assert proc.returncode == 2 and "needs --model_dir" in proc.stderr and "Traceback" not in proc.stderr
         assert network.SHIPPED_MODEL_DIR in proc.stderr, proc.stderr[-2000:]
     else:
-        assert proc.returncode == 0 and "H (network;" in proc.stdout, proc.stderr[-2000:]
+        # the default method is the best chain (auto); it says which of its members answered
+        assert proc.returncode == 0 and "H (auto;" in proc.stdout, proc.stderr[-2000:]
+        assert "method auto: answered by " in proc.stdout and "final correlation" in proc.stdout
 
 
 def test_cli_errors(warped_pair, tmp_path):
@@ -122,3 +126,68 @@ def test_cli_errors(warped_pair, tmp_path):
     not_an_image.write_bytes(b"not an image at all")
     proc = run_cli(f"--image_a={not_an_image}", f"--image_b={path_a}", "--method=orb")
     assert proc.returncode == 2 and "image_a" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+
+
+def test_classical_path_at_full_resolution_agrees_with_evaluate_real(warped_pair, tmp_path):
+    """The same pair as an Oxford sequence (image 1 = B, image 2 = A: H1to2p is B -> A): model.evaluate_real's
+    H for sift and sift+ecc is predict's, and both are far more precise than the old P x P squeeze (3 px)."""
+    path_a, path_b, h_true, size_b = warped_pair
+    seq = tmp_path / "pair"
+    seq.mkdir()
+    cv2.imwrite(str(seq / "img1.png"), cv2.imread(path_b))
+    cv2.imwrite(str(seq / "img2.png"), cv2.imread(path_a))
+    np.savetxt(seq / "H1to2p", h_true / h_true[2, 2])
+    report = evaluate_real.evaluate_real(str(seq), str(tmp_path / "report"), methods=["sift", "sift+ecc"],
+                                         figures=False)
+    for method, tolerance in (("sift", 1.0), ("sift+ecc", 0.25)):
+        pred = predict.predict_homography(read(path_a), read(path_b), method)
+        assert pred.ok, pred.reason
+        from_report = report["pairs"][0]["methods"][method]
+        np.testing.assert_allclose(from_report["homography"], pred.homography / pred.homography[2, 2],
+                                   rtol=1e-6, atol=1e-8)
+        assert corner_errors(pred.homography, h_true, size_b).mean() == pytest.approx(from_report["error"], abs=2e-3)
+        assert corner_errors(pred.homography, h_true, size_b).max() < tolerance, (method, from_report["error"])
+    assert pred.answered_by in ("sift+ecc", "sift") and pred.correlation is not None
+
+
+def test_photos_above_the_bound_are_worked_on_downscaled_and_mapped_back_exactly(warped_pair, monkeypatch):
+    path_a, path_b, h_true, size_b = warped_pair
+    full = predict.predict_homography(read(path_a), read(path_b), "sift+ecc")
+    monkeypatch.setattr(photos, "MAX_SIDE", 150)  # both photos are now worked on at half size or less
+    small, scale = photos.working_copy(cv2.imread(path_a))
+    assert max(small.shape[:2]) == 150 and not np.array_equal(scale, np.eye(3))
+    pred = predict.predict_homography(read(path_a), read(path_b), "sift+ecc")
+    assert pred.ok, pred.reason
+    # in full-resolution pixels: 1 px of the copies is 2-2.7 px of the photos
+    assert corner_errors(pred.homography, h_true, size_b).max() < 1.5
+    assert not np.allclose(pred.homography, full.homography, atol=1e-6)  # it did run on the copies
+
+
+def png_header(width, height):
+    """A PNG that is only its header: Pillow reads its size, nothing can decode it."""
+    import struct
+    import zlib
+
+    def chunk(kind, body):
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\0" * 16)) + chunk(b"IEND", b""))
+
+
+def test_cli_bounds_before_any_work(warped_pair, tmp_path):
+    path_a, path_b, _, _ = warped_pair
+    huge = tmp_path / "huge.png"
+    huge.write_bytes(png_header(10001, 10000))
+    for args, needle in (([f"--output={tmp_path}/vis", "--method=sift"], "--output"),
+                         (["--method=sift+ransac"], "unknown method 'sift+ransac'"),
+                         (["--method=sift", "--workers=0"], "--workers"),
+                         (["--method=sift", "--patch_size=0"], "patch_size")):
+        proc = run_cli(f"--image_a={path_a}", f"--image_b={path_b}", *args)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+        lines = [line for line in proc.stderr.splitlines() if line.startswith("model.predict: error: ")]
+        assert len(lines) == 1 and needle in lines[0], proc.stderr[-2000:]
+    proc = run_cli(f"--image_a={huge}", f"--image_b={path_b}", "--method=sift")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert f"image_a {huge}: 10001x10000 pixels" in proc.stderr and "100 MP" in proc.stderr, proc.stderr[-2000:]
+    assert not (tmp_path / "vis").exists()

@@ -97,6 +97,7 @@ def test_method_names_compose():
     assert registry.parse("auto")[0] == "best" and registry.needs_network("auto")
     assert not registry.needs_network("sift+ecc_or_orb") and registry.needs_network("sift_or_network_tta+ecc")
     assert registry.refines("auto") and registry.refines("sift+ecc") and not registry.refines("sift_or_network")
+    assert registry.is_chain("sift_or_network+ecc") and registry.is_chain("auto") and not registry.is_chain("sift+ecc")
 
 
 @pytest.mark.parametrize("name", ["surf", "sift+", "+ecc", "sift_or_", "_or_sift", "sift+ransac", "SIFT", ""])

@@ -58,6 +58,14 @@ def squeeze(image: np.ndarray, patch_size: int, channels: int) -> np.ndarray:
     return cv2.resize(image, (patch_size, patch_size), interpolation=interp).reshape(patch_size, patch_size, channels)
 
 
+def to_photos(h_local: np.ndarray, size_a: tuple, size_b: tuple, patch_size: int) -> np.ndarray:
+    """H = S_a^-1 . H_local . S_b: a homography of the squeezed P x P frames -> the photos' own pixels
+    (size_* = (width, height) of the photos)."""
+    square = (patch_size, patch_size)
+    h = np.linalg.inv(resize_matrix(size_a, square)) @ np.asarray(h_local, np.float64) @ resize_matrix(size_b, square)
+    return h / h[2, 2]
+
+
 def network(images_a, images_b, ctx, tta: bool = False) -> list:
     """Estimates of the network (tta: on 8 views) for a batch of pairs; ctx: the registry's Context (model,
     rho, whole). A non-finite output is a failure (the identity), never an exception."""
@@ -75,9 +83,7 @@ def network(images_a, images_b, ctx, tta: bool = False) -> list:
         h = geometry.homography_local(o, a.shape[1]) if np.isfinite(o).all() else None
         frame = Frame.of(images_b[i], ctx.whole)
         if h is not None and ctx.whole:
-            size_a, size_b = (images_a[i].shape[1], images_a[i].shape[0]), (frame.width, frame.height)
-            h = np.linalg.inv(resize_matrix(size_a, (a.shape[2], a.shape[1]))) @ h \
-                @ resize_matrix(size_b, (a.shape[2], a.shape[1]))
+            h = to_photos(h, (images_a[i].shape[1], images_a[i].shape[0]), (frame.width, frame.height), a.shape[1])
         # No plausibility check: the network always answers (evaluation scores what it said).
         e = frame.estimate(h, check=False)
         out.append(e if ctx.whole or not e.ok else dataclasses.replace(e, offsets=o.astype(np.float32)))

@@ -31,12 +31,17 @@ class PhotoError(ValueError):
 
 
 def header_size(data: bytes) -> tuple | None:
-    """(width, height) from the file's header without decoding it (Pillow), or None when Pillow cannot tell."""
+    """(width, height) from the file's header without decoding it (Pillow), or None when Pillow cannot tell;
+    (0, 0) with a header past Pillow's own decompression-bomb bound (twice 89 MP, above ours)."""
     try:
         from PIL import Image
 
         with Image.open(io.BytesIO(data)) as im:
             return im.size
+    except ImportError:
+        return None
+    except Image.DecompressionBombError:
+        return (0, 0)
     except Exception:  # noqa: BLE001 - any format Pillow does not know: OpenCV decodes it, bounded after
         return None
 
@@ -46,8 +51,9 @@ def decode(data: bytes, channels: int, name: str) -> np.ndarray:
     if len(data) > MAX_FILE_BYTES:
         raise PhotoError(f"{name}: {len(data)} bytes, more than the {MAX_FILE_BYTES} accepted")
     size = header_size(data)
-    if size and size[0] * size[1] > MAX_PIXELS:
-        raise PhotoError(f"{name}: {size[0]}x{size[1]} pixels, more than the {MAX_PIXELS // 10 ** 6} MP accepted")
+    if size is not None and (size == (0, 0) or size[0] * size[1] > MAX_PIXELS):
+        what = f"{size[0]}x{size[1]} pixels" if size != (0, 0) else "its header claims over 178 MP"
+        raise PhotoError(f"{name}: {what}, more than the {MAX_PIXELS // 10 ** 6} MP accepted")
     image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_GRAYSCALE if channels == 1 else cv2.IMREAD_COLOR) \
         if data else None
     if image is None or image.size == 0:

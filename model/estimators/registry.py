@@ -64,6 +64,13 @@ def needs_network(name: str) -> bool:
     return bool(leaves(parse(name)) & set(BASE_NETWORK))
 
 
+def is_chain(name: str) -> bool:
+    """Whether the method chooses among members (X_or_Y, a best-of chain): its report says which answered."""
+    def walk(node):
+        return node[0] in ("or", "best") or (node[0] == "refine" and walk(node[2]))
+    return walk(parse(name))
+
+
 def refines(name: str) -> bool:
     """Whether the method refines (its report counts how often refinement kept the start)."""
     return REFINE in name or parse(name)[0] == "best"
