@@ -1,5 +1,5 @@
 # Two entry points for a fresh machine:  `make demo` (set up + build the embedded sample + evaluate the shipped,
-# trained network beside identity, ORB, SIFT and ECC on pairs it never saw) and `make test` (set up + run the
+# trained network beside identity, ORB, SIFT and ECC, each also refined by ECC, on pairs it never saw) and `make test` (set up + run the
 # tests). Everything installs into .venv from setup.py.
 PY      ?= python3
 VENV    ?= .venv
@@ -9,6 +9,12 @@ OUT     ?= out/sample
 RUN     ?= runs/sample
 REPORT  ?= reports/sample
 WEIGHTS ?= data/weights/compact_rho32
+# Every method beside its ECC-refined variant (X+ecc), and auto (the best refined candidate by correlation).
+DEMO_METHODS ?= identity,orb_default,orb,orb+ecc,sift,sift+ecc,ecc,network,network+ecc,network_tta,network_tta+ecc,sift_or_network,sift_or_network+ecc,auto
+# The commands' own progress and results, not the libraries' INFO logs: TensorFlow's C++ logging off, and the
+# builder at absl's WARNING level (its summary is printed, not logged).
+export TF_CPP_MIN_LOG_LEVEL ?= 3
+QUIET   ?= --verbosity=-1
 
 .PHONY: setup demo sample build train evaluate evaluate-shipped test clean
 
@@ -30,8 +36,9 @@ DEMO_STEPS ?= 200
 DEMO_PAIRS ?= 40
 
 build: sample
+	@echo "building the sample dataset in $(OUT) ..."
 	$(BIN)/python -m pipeline.build --coco_dir=$(SAMPLE) --output_dir=$(OUT) --overwrite --runner=DirectRunner \
-		--patches_per_image=$(DEMO_PAIRS)
+		--patches_per_image=$(DEMO_PAIRS) $(QUIET)
 
 train: build
 	$(BIN)/python -m model.train --data_dir=$(OUT) --model_dir=$(RUN) --steps=$(DEMO_STEPS) --batch_size=16 \
@@ -44,8 +51,9 @@ evaluate: train
 # The shipped network (trained on COCO train2017 images only) against the classical methods on the sample's
 # validation photographs.
 evaluate-shipped: build
+	@echo "evaluating the shipped network and the classical methods, each with and without ECC refinement ..."
 	$(BIN)/python -m model.evaluate --data_dir=$(OUT) --split=validation --model_dir=$(WEIGHTS) \
-		--methods=identity,orb_default,orb,sift,ecc,network,network_tta,sift_or_network --output_dir=$(REPORT)/shipped
+		--methods=$(DEMO_METHODS) --output_dir=$(REPORT)/shipped
 
 demo: evaluate-shipped
 	@echo
