@@ -213,6 +213,13 @@ def test_a_pool_of_workers_reports_what_one_process_does(built_dataset, tmp_path
         one.pop("seconds_per_pair"), pool.pop("seconds_per_pair")
         assert one == pool, name
     assert runs[1]["pairs_fingerprint"] == runs[2]["pairs_fingerprint"]
+    # the Markdown report: its main table parses back to the JSON, and each method sits beside its refined variant
+    with open(tmp_path / "1" / report.MARKDOWN_FILE) as f:
+        text = f.read()
+    assert list(report.parse_markdown_table(text)) == ["orb", "sift+ecc", "orb_or_ecc"]
+    kept = runs[1]["methods"]["sift+ecc"]["refinement_kept_start"]
+    assert f"`sift+ecc`: refinement kept its start on {kept} of 24 pairs" in text
+    assert "| **sift+ecc** | — |" in text
     assert "refinement_kept_start" in runs[1]["methods"]["sift+ecc"]
     answered = runs[1]["methods"]["orb_or_ecc"]["answered_by"]
     assert answered.get("ecc", 0) + answered.get("orb", 0) == 24 and "answered_by" not in runs[1]["methods"]["orb"]

@@ -8,6 +8,7 @@
 """
 from __future__ import annotations
 
+import itertools
 import json
 import os
 
@@ -59,7 +60,7 @@ def markdown(report: dict) -> str:
     lines += ["| " + " | ".join(h for h, _ in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for name, entry in report["methods"].items():
         lines.append("| " + " | ".join([name] + [str(entry[k]) for _, k in COLUMNS[1:]]) + " |")
-    lines += _chain_notes(report["methods"])
+    lines += _chain_notes(report["methods"]) + side_by_side(report["methods"])
     ident = report["identity_check"]
     lines += ["", f"Identity sanity line: expected MACE 0.765 * rho = {ident['expected_mace']} px, "
               f"measured {ident['measured_mace']} px.", "",
@@ -95,6 +96,37 @@ def _chain_notes(methods: dict) -> list:
             "implausible H or a lower correlation):", ""] + lines if lines else []
 
 
+def side_by_side(methods: dict) -> list:
+    """Each method X beside its refined variant X+ecc (and any best-of chain in the refined columns): the
+    Markdown table the README and BUILD_NOTES quote, from the report dict alone."""
+    rows = []  # (X or None, the refined method)
+    for name, entry in methods.items():
+        if name.endswith("+ecc"):
+            if name[:-len("+ecc")] not in methods:
+                rows.append((None, name))
+        elif name + "+ecc" in methods:
+            rows.append((name, name + "+ecc"))
+        elif "refinement_kept_start" in entry:  # a best-of chain of refined members
+            rows.append((None, name))
+    if not rows:
+        return []
+    cells = ("mean_mace", "median_mace", "p90_mace", "under_1px", "failures")
+
+    def row(entry):
+        return [str(entry[k]) for k in cells] if entry else ["—"] * len(cells)
+
+    lines = ["", "Each method beside its refined variant (MACE in px; `< 1 px`: share of pairs; ms / pair: "
+             "alone, its parts included):", "",
+             "| method | mean | median | p90 | < 1 px | failures | + ecc: mean | median | p90 | < 1 px | failures "
+             "| start kept | ms / pair (X, X+ecc) |", "|" + "---|" * 13]
+    for name, r in rows:
+        x, y = methods.get(name), methods[r]
+        ms = ", ".join(f"{1000 * e['seconds_per_pair']:.1f}" for e in (x, y) if e)
+        lines.append("| " + " | ".join([name or f"**{r}**"] + row(x) + row(y)
+                                       + [str(y.get("refinement_kept_start", "")), ms]) + " |")
+    return lines
+
+
 def write_markdown(report: dict, output_dir: str) -> str:
     path = os.path.join(output_dir, MARKDOWN_FILE)
     with open(path, "w") as f:
@@ -103,8 +135,10 @@ def write_markdown(report: dict, output_dir: str) -> str:
 
 
 def parse_markdown_table(text: str) -> dict:
-    """{method: {key: float}} from mace_report.md's table (for checking it against the JSON)."""
-    rows = [line for line in text.splitlines() if line.startswith("|")]
+    """{method: {key: float}} from mace_report.md's (first) table (for checking it against the JSON)."""
+    lines = text.splitlines()
+    first = next(i for i, line in enumerate(lines) if line.startswith("|"))
+    rows = [line for line in itertools.takewhile(lambda line: line.startswith("|"), lines[first:])]
     header = [h.strip() for h in rows[0].strip("|").split("|")]
     keys = {h: k for h, k in COLUMNS}
     table = {}
