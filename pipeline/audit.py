@@ -109,13 +109,21 @@ def regroup(sections: list) -> dict:
     return out
 
 
-def audit(data_dir: str, output_dir: str, *, residual_threshold: float = 1.0, max_residual_share: float = 0.001,
+def default_residual_threshold(photometric: str) -> float:
+    """1 grey level for exact pairs; for camera pairs the relative residual of auditing.measure."""
+    return measure.CAMERA_RESIDUAL_THRESHOLD if photometric == "camera" else 1.0
+
+
+def audit(data_dir: str, output_dir: str, *, residual_threshold: float | None = None, max_residual_share: float = 0.001,
           beam_args: list | None = None) -> dict:
-    """Runs the audit job, writes audit.json, audit.md and the plots; returns the report dict."""
+    """Runs the audit job, writes audit.json, audit.md and the plots; returns the report dict.
+    residual_threshold None: default_residual_threshold of the build's photometric model."""
+    info = dataset_info.read(data_dir)
+    if residual_threshold is None:
+        residual_threshold = default_residual_threshold(info.config.photometric)
     if not residual_threshold > 0 or not 0 <= max_residual_share < 1:
         raise AuditError(f"--residual_threshold must be > 0 (got {residual_threshold}) and --max_residual_share "
                          f"in [0, 1) (got {max_residual_share})")
-    info = dataset_info.read(data_dir)
     options = PipelineOptions(beam_args or [])
     runners.set_default_runner(options)  # DirectRunner unless named (run on Beam's FnApiRunner, never Prism)
     if "://" not in output_dir and not FileSystems.exists(output_dir) and not options.view_as(TestOptions).dry_run:
@@ -175,8 +183,9 @@ def _define_flags():
     """Defined when the CLI runs, not at import: other modules (pipeline.build) use the same flag names."""
     flags.DEFINE_string("data_dir", None, "A built dataset (holds dataset_info.json); local or gs://")
     flags.DEFINE_string("output_dir", None, "Where audit.json, audit.md and the plots go")
-    flags.DEFINE_float("residual_threshold", 1.0,
-                       "A pair whose mean |warp(A, H_local) - B| exceeds this (grey levels) has a wrong label")
+    flags.DEFINE_float("residual_threshold", None,
+                       "A pair whose mean |warp(A, H_local) - B| exceeds this has a wrong label; default 1.0 grey "
+                       f"level, or {measure.CAMERA_RESIDUAL_THRESHOLD} (relative, tone undone) for a camera build")
     flags.DEFINE_float("max_residual_share", 0.001, "Largest share of pairs above the threshold that still passes")
 
 

@@ -44,7 +44,7 @@ def rewrite_shard(data_dir, split, index, change):
         for i, r in enumerate(records):
             r = change(i, dict(r))
             w.write(schema.encode(r["patch_a"], r["patch_b"], r["offsets"], r["corners"], r["image_id"],
-                                  r["patch_index"]))
+                                  r["patch_index"], r.get(schema.PHOTOMETRIC_A), r.get(schema.PHOTOMETRIC_B)))
 
 
 def run_audit(data_dir, tmp_path, **kw):

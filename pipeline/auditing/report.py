@@ -106,12 +106,20 @@ def check_label_consistency(split, stats, quantiles, max_share):
     res = stats["residual"]
     return check(f"{split}/label_consistency", HARD, n > 0 and share <= max_share,
                  f"warp(patch_a, H_local) vs patch_b: mean abs residual {res.get('mean', [float('nan')])[0]:.4f} "
-                 f"grey levels (median {q[50]:.4f}, p99 {q[99]:.4f}, max {q[100]:.4f}); "
+                 f"{stats.get('residual_unit', 'grey levels')} (median {q[50]:.4f}, p99 {q[99]:.4f}, max {q[100]:.4f}); "
                  f"{f['count']}/{n} pairs ({100 * share:.2f}%) above {stats['residual_threshold']}, "
                  f"allowed {100 * max_share:.2f}%",
                  pairs=n, above_threshold=f["count"], share_above=share, max_share=max_share,
                  threshold=stats["residual_threshold"], mean=res.get("mean", [None])[0],
                  std=res.get("std", [None])[0], median=q[50], p90=q[90], p99=q[99], max=q[100], examples=f["examples"])
+
+
+def check_photometric(split, stats, model):
+    f = stats.get("photometric") or {"count": 0, "examples": []}
+    return check(f"{split}/photometric_parameters", HARD, f["count"] == 0,
+                 (f"every pair carries camera parameters within the model's ranges" if model == "camera" else
+                  "no pair carries camera parameters (a --photometric=none build)") if not f["count"] else
+                 f"{f['count']} pairs with wrong camera parameters (e.g. {f['examples'][:2]})", failures=f)
 
 
 def uniformity(stats, rho):
@@ -176,6 +184,7 @@ def evaluate(results: dict, info: dataset_info.DatasetInfo, max_residual_share: 
             continue
         checks += [check_offset_range(split, stats, config.rho), check_margins(split, stats, config),
                    check_label_consistency(split, stats, results["quantiles"].get(split), max_residual_share),
+                   check_photometric(split, stats, config.photometric),
                    check_offset_uniformity(split, stats, config.rho), check_near_constant(split, stats)]
     checks += [check_leakage(results["leakage"]), check_duplicates(results["duplicates"])]
     return checks
@@ -216,7 +225,7 @@ def markdown(report: dict) -> str:
                   f"Patch intensity: patch_a mean {img['mean'][0]:.1f} (std over pairs {img['std'][0]:.1f}), "
                   f"mean within-patch std {img['mean'][1]:.1f}; patch_b mean {img['mean'][2]:.1f}, "
                   f"mean within-patch std {img['mean'][3]:.1f}.", "",
-                  f"Label residual (grey levels): mean {st['residual']['mean'][0]:.4f}, median {q[50]:.4f}, "
+                  f"Label residual ({st.get('residual_unit', 'grey levels')}): mean {st['residual']['mean'][0]:.4f}, median {q[50]:.4f}, "
                   f"p90 {q[90]:.4f}, p99 {q[99]:.4f}, max {q[100]:.4f}; valid region share mean "
                   f"{st['valid_share']['mean'][0]:.3f} (min {st['valid_share']['min'][0]:.3f}).", ""]
         for plot in report["plots"].get(split, []):
