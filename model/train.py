@@ -66,7 +66,7 @@ DEFAULTS = dict(steps=90000, batch_size=64, optimizer="sgd", learning_rate=0.005
                 steps_per_loop=10, shuffle_buffer=10000, dropout=True, batchnorm=True, mixed_precision="none",
                 jit_compile=False, architecture="homographynet", seed=0, train_split="train",
                 val_split="validation", max_checkpoints=3, max_minutes=0.0, reader="auto", reader_workers=0,
-                augment=False, photometric="none")
+                augment=False, photometric="none", photometric_share=1.0)
 
 
 def _check_args(a: dict) -> None:
@@ -94,6 +94,8 @@ def _check_args(a: dict) -> None:
         raise TrainError(str(e)) from e
     if a["photometric"] not in photometric.MODELS:
         raise TrainError(f"unknown --photometric '{a['photometric']}'; known: {', '.join(photometric.MODELS)}")
+    if not 0 < a["photometric_share"] <= 1:
+        raise TrainError(f"--photometric_share must be in (0, 1], got {a['photometric_share']}")
     for flag, on in (("augment", a["augment"]), ("photometric", a["photometric"] != "none")):
         if on and tf_data:
             raise TrainError(f"--{flag} runs on the TensorFlow-free reader: add --reader=records")
@@ -215,6 +217,8 @@ def _define_flags():
     flags.DEFINE_enum("photometric", "none", list(photometric.MODELS), "Give patch A and patch B of each "
                       "training pair their own fresh camera change (pipeline/dataset/photometric.py: shade, blur, "
                       "exposure, gamma, noise), labels unchanged (needs --reader=records)")
+    flags.DEFINE_float("photometric_share", 1.0, "With --photometric=camera: the share of training pairs (drawn "
+                       "per pair) that get camera changes; the rest stay exact")
     flags.DEFINE_integer("reader_workers", 0, "Processes decoding training shards for the records reader (0: the "
                          "training process itself; a GPU needs several to be fed)")
 

@@ -263,19 +263,26 @@ def augment_views(batches, seed: int | None = None):
                          schema.OFFSETS: offsets.reshape(-1, 8)})
 
 
-def camera_views(batches, seed: int | None = None):
-    """Parsed batches with patch A and patch B each through its own fresh draw of the camera model
-    (pipeline.dataset.photometric), labels unchanged: two shots of one scene, not two copies."""
+def camera_views(batches, seed: int | None = None, share: float = 1.0):
+    """Parsed batches with patch A and patch B of a `share` of the pairs (drawn per pair) each through its own
+    fresh draw of the camera model (pipeline.dataset.photometric), labels unchanged: two shots of one scene,
+    not two copies. The other pairs stay exact, so the network keeps learning pairs without a change too."""
     from pipeline.dataset import photometric
 
     rng = np.random.default_rng(None if seed is None else [seed, 1])
     for b in batches:
-        yield dict(b, **{schema.PATCH_A: photometric.apply_batch(b[schema.PATCH_A], rng),
-                         schema.PATCH_B: photometric.apply_batch(b[schema.PATCH_B], rng)})
+        pick = rng.random(len(b[schema.PATCH_A])) < share
+        out = {}
+        for key in (schema.PATCH_A, schema.PATCH_B):
+            out[key] = b[key].copy()
+            if pick.any():
+                out[key][pick] = photometric.apply_batch(b[key][pick], rng)
+        yield dict(b, **out)
 
 
 def train_batches(data_dir: str, split: str, batch_size: int, *, shuffle_buffer: int = 10000, seed: int | None = None,
-                  reader: str = "auto", workers: int = 0, augment: bool = False, photometric: str = "none"):
+                  reader: str = "auto", workers: int = 0, augment: bool = False, photometric: str = "none",
+                  photometric_share: float = 1.0):
     """Endless, shuffled, full (inputs, labels) batches for Keras's fit: a tf.data.Dataset (uses_tf_data())
     or a generator of numpy batches from the TensorFlow-free reader (same normalisation and labels), its
     shards decoded in `workers` processes (0: in this one). That reader only: augment (augment_views) and
@@ -292,7 +299,7 @@ def train_batches(data_dir: str, split: str, batch_size: int, *, shuffle_buffer:
     if augment:
         stream = augment_views(stream, seed)
     if photometric == "camera":
-        stream = camera_views(stream, seed)
+        stream = camera_views(stream, seed, photometric_share)
     return (_xy(b, config.rho) for b in stream)
 
 

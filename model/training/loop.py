@@ -134,7 +134,8 @@ def fit(data_dir: str, model_dir: str, a: dict, config: dict, started: float, st
             stream = data.train_batches(data_dir, a["train_split"], batch, shuffle_buffer=a["shuffle_buffer"],
                                         seed=a["seed"] + start_step, reader=a["reader"],
                                         workers=a["reader_workers"], augment=a["augment"],
-                                        photometric=a["photometric"])
+                                        photometric=a["photometric"],
+                                        photometric_share=a["photometric_share"])
             model.fit(stream, epochs=1, steps_per_epoch=a["steps"] - start_step, verbose=0, callbacks=[monitor],
                       shuffle=False)  # the stream is shuffled already
         monitor.checkpoint(monitor.step)  # the last step's (refused, as Diverged, if its weights are non-finite)
