@@ -1,1 +1,1 @@
-"""The dataset contract: pair geometry, the record schema and its Example codec, the dataset_info.json index."""
+"""The dataset contract: pair geometry, the record schema and its Example codec, the homography_index.json index."""
