@@ -42,10 +42,10 @@ PINNED_FEATURES = {
 }
 
 
-def run_build(kind, coco_dir, out, name, config, **kw):
+def run_build(kind, coco_dir, out, name, config, splits=SPLITS, **kw):
     if kind == "beam":
-        return beam_build(coco_dir, str(out), SPLITS, config, name=name, beam_args=["--runner=DirectRunner"], **kw)
-    return local_build(coco_dir, str(out), SPLITS, config, name=name, workers=2, log=None, **kw)
+        return beam_build(coco_dir, str(out), splits, config, name=name, beam_args=["--runner=DirectRunner"], **kw)
+    return local_build(coco_dir, str(out), splits, config, name=name, workers=2, log=None, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -209,26 +209,36 @@ def test_a_build_from_before_the_index_moved_is_refused_with_one_line(built, tmp
 
 
 @pytest.mark.parametrize("kind", ["beam", "local"])
-def test_overwrite_removes_every_file_of_the_previous_build(coco_mini, tmp_path, kind):
+def test_overwrite_removes_every_file_of_the_previous_build(coco_mini, tmp_path, kind, monkeypatch):
+    """Before it writes anything, --overwrite removes all the previous build wrote (TFDS's metadata too), so a
+    build that then dies leaves nothing that claims the old dataset; one that completes leaves only its own."""
+    from pipeline.builder import shards
+
     out = tmp_path / "ds"
     run_build(kind, coco_mini, out, "first_build", PairConfig(**SMALL, photometric="camera"), max_images=4,
               num_shards=3)
-    (out / "notes.txt").write_text("mine")
     (out / (schema.TFDS_FEATURES + ".tmp")).write_text("{}")  # a temporary file of an interrupted write
     first = set(os.listdir(out))
-    assert {schema.INDEX, schema.TFDS_DATASET_INFO, schema.TFDS_FEATURES,
+    assert {schema.INDEX, schema.TFDS_DATASET_INFO, schema.TFDS_FEATURES, "failed_images-train.jsonl",
             "first_build-train.tfrecord-00002-of-00003"} <= first
-    config = PairConfig(**SMALL)
-    splits = {"validation": "val2017"}
-    if kind == "beam":
-        beam_build(coco_mini, str(out), splits, config, name="second", max_images=2, num_shards=1, overwrite=True,
-                   beam_args=["--runner=DirectRunner"])
-    else:
-        local_build(coco_mini, str(out), splits, config, name="second", max_images=2, num_shards=1, overwrite=True,
-                    workers=1, log=None)
+    (out / "notes.txt").write_text("mine")
+
+    def second_build():  # no file name in common with the first: another name, another split
+        run_build(kind, coco_mini, out, "second", PairConfig(**SMALL), splits={"holdout": "val2017"}, max_images=2,
+                  num_shards=1, overwrite=True)
+
+    def explode(*args):
+        raise RuntimeError("died before its metadata")
+    monkeypatch.setattr(shards, "write_metadata", explode)
+    with pytest.raises(Exception, match="died before its metadata"):
+        second_build()
+    assert set(os.listdir(out)) & first == set()
+    monkeypatch.undo()
+    second_build()
     index = dataset_info.read(str(out))
-    written = {schema.INDEX, schema.TFDS_DATASET_INFO, schema.TFDS_FEATURES, schema.failed_images_file("validation"),
-               *(os.path.basename(f) for f in index.split("validation").shard_files)}
+    written = {schema.INDEX, schema.TFDS_DATASET_INFO, schema.TFDS_FEATURES, "failed_images-holdout.jsonl",
+               "second-holdout.tfrecord-00000-of-00001"}
+    assert index.split("holdout").shard_files == [os.path.join(str(out), "second-holdout.tfrecord-00000-of-00001")]
     assert set(os.listdir(out)) == written | {"notes.txt"}
     assert tfds.builder_from_directory(str(out)).info.name == "second"
 
