@@ -157,7 +157,8 @@ def tfds_own_metadata(raw, directory):
 @pytest.mark.parametrize("key", ["camera", "empty_shards", "color"])
 def test_metadata_is_the_bytes_tfds_itself_writes(built, key, tmp_path):
     _, out = built(key)
-    ours = {name: open(os.path.join(out, name), "rb").read() for name in (schema.TFDS_DATASET_INFO, schema.TFDS_FEATURES)}
+    ours = {name: open(os.path.join(out, name), "rb").read()
+            for name in (schema.TFDS_DATASET_INFO, schema.TFDS_FEATURES)}
     assert ours == tfds_own_metadata(dataset_info.read(out).raw, str(tmp_path))
     assert tfds_metadata.FILEPATH_TEMPLATE == tfds.core.naming.DEFAULT_FILENAME_TEMPLATE
     assert ".." not in ours[schema.TFDS_DATASET_INFO].decode() and "/" not in json.loads(

@@ -44,11 +44,12 @@ _FEATURES_DICT = "tensorflow_datasets.core.features.features_dict.FeaturesDict"
 
 def check_name(name: str) -> str:
     """name if it is a valid TFDS dataset name, else ValueError in one line."""
-    if not NAME_PATTERN.match(name or ""):
-        raise ValueError(f"--dataset_name '{name}' is not a TensorFlow Datasets name: use snake_case "
-                         f"(lower-case letters, digits and _, a letter first), e.g. "
-                         f"'{re.sub(r'[^a-z0-9_]+', '_', (name or 'homography').lower()).strip('_') or 'homography'}'")
-    return name
+    if NAME_PATTERN.match(name or ""):
+        return name
+    suggestion = re.sub(r"[^a-z0-9_]+", "_", (name or "").lower()).strip("_")
+    hint = f", e.g. '{suggestion}'" if NAME_PATTERN.match(suggestion) else ""
+    raise ValueError(f"--dataset_name '{name}' is not a TensorFlow Datasets name: use snake_case "
+                     f"(lower-case letters, digits and _, a letter first){hint}")
 
 
 def _tensor(python_class: str, shape: tuple, dtype: str, encoding: str = "none") -> dict:
