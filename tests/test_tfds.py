@@ -141,7 +141,8 @@ def tfds_own_metadata(raw, directory):
         name=raw["name"], version=tfds.core.Version(schema.VERSION), data_dir=directory, module_name="",
         release_notes=schema.RELEASE_NOTES)
     info = tfds.core.DatasetInfo(builder=identity, features=tfds.features.FeaturesDict(features),
-                                 description=tfds_metadata.description(raw), citation=tfds_metadata.CITATION)
+                                 description=tfds_metadata.description(raw), citation=tfds_metadata.CITATION,
+                                 homepage=tfds_metadata.HOMEPAGE)
     info.set_file_format("tfrecord")
     info.set_splits(tfds.core.SplitDict([
         tfds.core.SplitInfo(name=split, shard_lengths=[sh["num_examples"] for sh in s["shards"]], num_bytes=0,

@@ -8,10 +8,10 @@ yields the records pipeline.records reads, value for value. Both files are plain
 tensorflow-datasets needed to build): the bytes TFDS's own DatasetInfo.write_to_directory writes for the
 same metadata (tests/test_tfds.py compares them where TFDS is installed).
 
-  dataset_info.json  TFDS's DatasetInfo proto as JSON: name, version, description, citation, release notes,
-                     file format, and per split the shard lengths in shard order (empty shards included)
-                     and the file name template of the shards, relative to the folder (the files sit beside
-                     this one, so it works on object stores too).
+  dataset_info.json  TFDS's DatasetInfo proto as JSON: name, version, description, citation, homepage (the
+                     paper), release notes, file format, and per split the shard lengths in shard order
+                     (empty shards included) and the file name template of the shards, relative to the
+                     folder (the files sit beside this one, so it works on object stores too).
   features.json      TFDS's FeaturesDict: patch_a / patch_b as Tensor((P, P, C), uint8, encoding="bytes")
                      (the raw bytes the records store, no re-encoding), offsets / corners Tensor((8,), float32),
                      image_id / patch_index Scalar(int64); in camera builds photometric_a / photometric_b
@@ -30,6 +30,7 @@ from pipeline.dataset import dataset_info, schema
 NAME_PATTERN = re.compile(r"^[a-z][a-z0-9_]*$")
 FILE_FORMAT = "tfrecord"
 FILEPATH_TEMPLATE = "{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}"  # = schema.shard_prefix + -00000-of-000NN
+HOMEPAGE = "https://arxiv.org/abs/1606.03798"  # the paper (else TFDS shows a catalog page that does not exist)
 CITATION = """@article{detone2016deep,
   title={Deep Image Homography Estimation},
   author={DeTone, Daniel and Malisiewicz, Tomasz and Rabinovich, Andrew},
@@ -104,10 +105,9 @@ def dataset_info_json(raw: dict) -> dict:
                                  f"TFDS could not find it by the name template")
         splits.append({"filepathTemplate": FILEPATH_TEMPLATE, "name": split,
                        "shardLengths": [str(int(shard["num_examples"])) for shard in s["shards"]]})
-    version = raw.get("version", schema.VERSION)
-    return {"citation": CITATION, "description": description(raw), "fileFormat": FILE_FORMAT, "name": name,
-            "releaseNotes": dict(schema.RELEASE_NOTES), "splits": splits,
-            "version": version}
+    return {"citation": CITATION, "description": description(raw), "fileFormat": FILE_FORMAT,
+            "location": {"urls": [HOMEPAGE]}, "name": name, "releaseNotes": dict(schema.RELEASE_NOTES),
+            "splits": splits, "version": raw.get("version", schema.VERSION)}
 
 
 def to_bytes(content: dict, indent: int) -> bytes:
