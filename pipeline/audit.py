@@ -7,7 +7,7 @@ really describes the warp (patch_B(v) = patch_A(H_local v)).
 
 Writes REPORT/audit.json, REPORT/audit.md and PNG plots. Exit status: 0 when every hard check passes
 (counts, ranges, margins, label consistency, leakage), 1 when one fails (named on stderr), 2 on bad
-usage (bad flags, no dataset_info.json).
+usage (bad flags, no homography_index.json).
 """
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ class AuditError(ValueError):
 
 
 def shard_specs(info: dataset_info.DatasetInfo) -> list:
-    """One spec per shard named in dataset_info.json (the only way shards are found)."""
+    """One spec per shard named in homography_index.json (the only way shards are found)."""
     specs = []
     for split in info.splits:
         s = info.split(split, allow_empty=True)
@@ -181,7 +181,7 @@ FLAGS = flags.FLAGS
 
 def _define_flags():
     """Defined when the CLI runs, not at import: other modules (pipeline.build) use the same flag names."""
-    flags.DEFINE_string("data_dir", None, "A built dataset (holds dataset_info.json); local or gs://")
+    flags.DEFINE_string("data_dir", None, "A built dataset (holds homography_index.json); local or gs://")
     flags.DEFINE_string("output_dir", None, "Where audit.json, audit.md and the plots go")
     flags.DEFINE_float("residual_threshold", None,
                        "A pair whose mean |warp(A, H_local) - B| exceeds this has a wrong label; default 1.0 grey "

@@ -38,11 +38,9 @@ def parse_splits(text: str) -> dict:
 auto_num_shards = shards.auto_num_shards
 
 
-_OUR_FILES = ("*.tfrecord-*-of-*", "failed_images-*.jsonl", schema.DATASET_INFO + "*")
-
-
 def prepare_output_dir(output_dir: str, overwrite: bool) -> None:
-    """Refuses a non-empty output_dir unless overwrite; then removes the old index first, our files next."""
+    """Refuses a non-empty output_dir unless overwrite; then removes every file a build writes
+    (schema.BUILD_OUTPUTS, the index and TFDS's metadata first), leaving others' files alone."""
     existing = FileSystems.match([dataset_info.join(output_dir, "*")])[0].metadata_list \
         if FileSystems.exists(output_dir) else []
     if existing and not overwrite:
@@ -50,8 +48,7 @@ def prepare_output_dir(output_dir: str, overwrite: bool) -> None:
         raise BuildError(f"output_dir {output_dir} is not empty ({len(existing)} files: {names}...); "
                          f"pass --overwrite to replace the dataset there")
     if existing:
-        # dataset_info.json goes first: from here on nothing claims a complete dataset.
-        for pattern in _OUR_FILES[::-1]:
+        for pattern in schema.BUILD_OUTPUTS:
             paths = [m.path for m in FileSystems.match([dataset_info.join(output_dir, pattern)])[0].metadata_list]
             if paths:
                 FileSystems.delete(paths)
@@ -62,9 +59,9 @@ def prepare_output_dir(output_dir: str, overwrite: bool) -> None:
 def build(coco_dir: str, output_dir: str, splits: dict, config: PairConfig, *, num_shards: int = 0,
           max_images: int = 0, overwrite: bool = False, name: str = "homography", reduced_decode: bool = True,
           beam_args: list | None = None) -> dict:
-    """Builds every split in one pipeline; returns the summary (dataset_info.json's content, or the dry run's)."""
+    """Builds every split in one pipeline; returns the summary (the index's content, or the dry run's)."""
     try:
-        listings = shards.list_splits(coco_dir, splits, config, num_shards, max_images)
+        listings = shards.list_splits(coco_dir, splits, config, num_shards, max_images, name)
     except ValueError as e:
         raise BuildError(str(e)) from e
     for split, (records, source, _) in listings.items():
@@ -125,7 +122,7 @@ def _run(listings, shard_counts, output_dir, config, name, reduced_decode, overw
         info["build"]["metrics_unavailable"] = f"{type(result).__name__} collects no Beam metrics"
     else:
         info["build"]["metrics"] = counters
-    dataset_info.write(output_dir, info)
+    shards.write_metadata(output_dir, info)  # the index with the metrics, TFDS's files (the same bytes) after it
     return info
 
 
@@ -142,7 +139,8 @@ def summary_text(info: dict, output_dir: str) -> str:
         total = sum(s["num_examples"] for s in info["splits"].values())
         lines.append(f"  built in {info['build']['seconds']} s ({total / max(info['build']['seconds'], 1e-9):.0f} pairs/s) "
                      f"with {info['build']['runner']}")
-    lines.append(f"  index: {dataset_info.join(output_dir, schema.DATASET_INFO)}")
+    lines.append(f"  index: {dataset_info.join(output_dir, schema.INDEX)}; TFDS: tfds.builder_from_directory"
+                 f"({output_dir!r}) ({schema.TFDS_DATASET_INFO}, {schema.TFDS_FEATURES})")
     return "\n".join(lines)
 
 
@@ -152,7 +150,8 @@ FLAGS = flags.FLAGS
 def _define_flags():
     """Defined when the CLI runs, not at import: other commands import build() and define their own flags."""
     cli.define_dataset_flags("COCO 2017 root (images in <split>/, annotations/ beside); local or gs://",
-                             "Where the shards, failed_images-*.jsonl and dataset_info.json go")
+                             f"Where the shards, failed_images-*.jsonl, {schema.INDEX} and TFDS's "
+                             f"{schema.TFDS_DATASET_INFO} and {schema.TFDS_FEATURES} go")
 
 
 def main(argv):

@@ -5,9 +5,10 @@
 
 For a machine that has numpy, OpenCV and protobuf but not Apache Beam (a bare GPU box, a laptop that only
 needs a small build): every shard is written by pipeline.builder.shards.write_shard, as pipeline.build's Beam step
-writes it, so the records, their order, the shard names and dataset_info.json's counts are the same as
+writes it, so the records, their order, the shard names and the index's counts are the same as
 pipeline.build's for the same flags (tests/test_gpu_recipe.py compares them). Local folders only; use
-pipeline.build for gs:// or a cluster. dataset_info.json is written last, atomically, as there.
+pipeline.build for gs:// or a cluster. The index (homography_index.json) and TFDS's dataset_info.json and
+features.json are written last, atomically, as there.
 """
 from __future__ import annotations
 
@@ -21,10 +22,6 @@ from pipeline.builder import shards
 from pipeline.dataset import dataset_info, schema
 from pipeline.dataset.geometry import PairConfig
 
-# Files of ours that --overwrite may remove (the index first: from then on nothing claims a complete dataset).
-_OUR_FILES = (schema.DATASET_INFO + "*", "failed_images-*.jsonl", "*.tfrecord-*-of-*")
-
-
 class LocalBuildError(ValueError):
     """A build that must not start; the message names the problem."""
 
@@ -36,7 +33,7 @@ def _prepare_output_dir(output_dir: str, overwrite: bool) -> None:
     if existing and not overwrite:
         raise LocalBuildError(f"output_dir {output_dir} is not empty ({len(existing)} files: "
                               f"{', '.join(sorted(existing)[:5])}...); pass --overwrite to replace the dataset there")
-    for pattern in _OUR_FILES:
+    for pattern in schema.BUILD_OUTPUTS:  # every file a build writes, the metadata first
         for path in glob.glob(os.path.join(output_dir, pattern)):
             os.remove(path)
     os.makedirs(output_dir, exist_ok=True)
@@ -60,11 +57,11 @@ def _init_worker():
 def build(coco_dir: str, output_dir: str, splits: dict, config: PairConfig, *, num_shards: int = 0,
           max_images: int = 0, overwrite: bool = False, name: str = "homography", reduced_decode: bool = True,
           workers: int = 0, log=print) -> dict:
-    """Builds every split; returns dataset_info.json's content. workers: processes (0 = one per core)."""
+    """Builds every split; returns the index's content. workers: processes (0 = one per core)."""
     if workers < 0:
         raise LocalBuildError("--workers must be >= 0")
     try:
-        listings = shards.list_splits(coco_dir, splits, config, num_shards, max_images)
+        listings = shards.list_splits(coco_dir, splits, config, num_shards, max_images, name)
     except ValueError as e:
         raise LocalBuildError(str(e)) from e
     _prepare_output_dir(output_dir, overwrite)
@@ -98,7 +95,7 @@ def build(coco_dir: str, output_dir: str, splits: dict, config: PairConfig, *, n
             raw["splits"][split] = summary
     raw["build"]["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     raw["build"]["seconds"] = round(time.time() - t0, 1)
-    dataset_info.write(output_dir, raw)
+    shards.write_metadata(output_dir, raw)
     return raw
 
 
@@ -108,7 +105,8 @@ def _define_flags():
     from pipeline.runtime import cli
 
     cli.define_dataset_flags("COCO 2017 root (images in <split>/, annotations/ beside); local",
-                             "Local folder for the shards, failed_images-*.jsonl and dataset_info.json")
+                             f"Local folder for the shards, failed_images-*.jsonl, {schema.INDEX} and TFDS's "
+                             f"{schema.TFDS_DATASET_INFO} and {schema.TFDS_FEATURES}")
     flags.DEFINE_integer("workers", 0, "Worker processes; 0 = one per core")
 
 
@@ -139,7 +137,7 @@ def main(argv):
     per_split = ", ".join(f"{k} {v['num_examples']}" for k, v in info["splits"].items())
     print(f"built {total} pairs ({per_split}) in "
           f"{info['build']['seconds']} s with {info['build']['runner']}; index: "
-          f"{os.path.join(f.output_dir, schema.DATASET_INFO)}")
+          f"{os.path.join(f.output_dir, schema.INDEX)}; TFDS: tfds.builder_from_directory({f.output_dir!r})")
     return 0
 
 

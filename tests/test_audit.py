@@ -266,7 +266,7 @@ def test_image_id_in_two_splits_is_leakage(built_dataset, tmp_path):
 
 
 def test_cli_usage_errors_exit_2_without_traceback(tmp_path):
-    cases = [[f"--data_dir={tmp_path}", f"--output_dir={tmp_path / 'r'}"],          # no dataset_info.json
+    cases = [[f"--data_dir={tmp_path}", f"--output_dir={tmp_path / 'r'}"],          # no homography_index.json
              [f"--data_dir={tmp_path}", f"--output_dir={tmp_path / 'r'}", "--residual_threshold=abc"],
              [f"--output_dir={tmp_path / 'r'}"]]
     stderr = []
@@ -276,7 +276,7 @@ def test_cli_usage_errors_exit_2_without_traceback(tmp_path):
         assert proc.returncode == 2, (args, proc.stderr[-2000:])
         assert "Traceback" not in proc.stderr and "pipeline.audit: error:" in proc.stderr
         stderr.append(proc.stderr)
-    assert "no dataset_info.json" in stderr[0] and "residual_threshold" in stderr[1] and "--data_dir" in stderr[2]
+    assert "no homography_index.json" in stderr[0] and "residual_threshold" in stderr[1] and "--data_dir" in stderr[2]
 
 
 def test_dataflow_job_graph_builds(built_dataset, tmp_path):

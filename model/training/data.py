@@ -1,4 +1,4 @@
-"""Input pipeline: built shards (found through dataset_info.json) -> batches for HomographyNet.
+"""Input pipeline: built shards (found through homography_index.json) -> batches for HomographyNet.
 
 Training and evaluation read through here, so there is one normalisation and one label scale:
   inputs = normalize(patch_a, patch_b): the two uint8 patches stacked on channels, x / 127.5 - 1,
@@ -31,7 +31,7 @@ __all__ = ["DatasetError", "DamagedShardError", "DataConfig", "dataset_config", 
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-    """What a reader needs to know about a split: geometry from dataset_info.json and its shards."""
+    """What a reader needs to know about a split: geometry from homography_index.json and its shards."""
 
     patch_size: int
     channels: int
@@ -41,17 +41,17 @@ class DataConfig:
     split: str
     num_examples: int
     shard_files: tuple
-    shard_counts: tuple = ()  # records per shard, as dataset_info.json lists them
+    shard_counts: tuple = ()  # records per shard, as homography_index.json lists them
 
 
 def dataset_config(data_dir: str, split: str) -> DataConfig:
-    """Reads dataset_info.json; raises DatasetError for a missing index, unknown/empty split, lost shards."""
+    """Reads homography_index.json; raises DatasetError for a missing index, unknown/empty split, lost shards."""
     info = dataset_info.read(data_dir)
     s = info.split(split)  # DatasetError on an unknown or empty split
     missing = [f for f in s.shard_files if not _exists(f)]
     if missing:
         raise DatasetError(f"split '{split}' of {data_dir}: {len(missing)} shard file(s) listed in "
-                           f"{schema.DATASET_INFO} are missing, e.g. {missing[0]}")
+                           f"{schema.INDEX} are missing, e.g. {missing[0]}")
     c = info.config
     return DataConfig(c.patch_size, c.channels, c.rho, c.image_width, c.image_height, split,
                       s.num_examples, tuple(s.shard_files), tuple(s.shard_counts))
@@ -122,7 +122,7 @@ def _records(config: DataConfig, training: bool, seed):
 
     def read(path, count):
         # TFRecordDataset ends a shard silently where it was cut inside a record header; the count from
-        # dataset_info.json turns that into an error (FailedPrecondition "expected to contain N elements").
+        # homography_index.json turns that into an error (FailedPrecondition "expected to contain N elements").
         return tf.data.TFRecordDataset(path).apply(tf.data.experimental.assert_cardinality(count))
 
     if not training:
@@ -141,7 +141,7 @@ def make_dataset(data_dir: str, split: str, batch_size: int, *, training: bool, 
 
     training=True: shards interleaved in parallel (non-deterministic), shuffled, repeated forever and
     full batches only (unless repeat / drop_remainder say otherwise). training=False: one pass in
-    the order of dataset_info.json, last batch kept. Records are parsed a whole batch at a time.
+    the order of homography_index.json, last batch kept. Records are parsed a whole batch at a time.
     """
     import tensorflow as tf
 
@@ -360,7 +360,7 @@ def _cli():
 
     from absl import app, flags
 
-    flags.DEFINE_string("data_dir", None, "Built dataset (holds dataset_info.json)")
+    flags.DEFINE_string("data_dir", None, "Built dataset (holds homography_index.json)")
     flags.DEFINE_string("split", "train", "Split to read")
     flags.DEFINE_integer("batch_size", 64, "Pairs per batch")
     flags.DEFINE_integer("batches", 200, "Batches timed (after 20 warm-up batches)")

@@ -1,7 +1,7 @@
 """The audit's first Beam steps, each a named composite transform that can be tested alone.
 
   ReadShards        shard specs -> (split, decoded record); tagged output 'shards': one status per shard
-                    (records read vs dataset_info.json, read/parse error such as a truncated shard)
+                    (records read vs homography_index.json, read/parse error such as a truncated shard)
   MeasurePairs      (split, record) -> small per-pair summary (no pixels): label residual, flags, moments
 
 The summaries are what every statistic is combined from (pipeline/auditing/statistics.py), so no later

@@ -40,7 +40,7 @@ def check_shard_read(split, shards):
 def check_shard_counts(split, shards):
     bad = [{"file": s["file"], "listed": s["expected"], "read": s["read"]} for s in shards if s["read"] != s["expected"]]
     return check(f"{split}/shard_counts", HARD, not bad,
-                 f"{len(shards) - len(bad)}/{len(shards)} shards hold the records dataset_info.json lists"
+                 f"{len(shards) - len(bad)}/{len(shards)} shards hold the records homography_index.json lists"
                  + ("; FAILED: " + ", ".join(f"{b['file']} listed {b['listed']} read {b['read']}" for b in bad[:3])
                     if bad else ""),
                  mismatches=bad)
@@ -63,7 +63,7 @@ def check_pairs_per_image(split, split_info, images):
     used = int(split_info["images_used"])
     problems = []
     if images["images"] != used:
-        problems.append(f"{images['images']} images have pairs, dataset_info.json says {used} used")
+        problems.append(f"{images['images']} images have pairs, homography_index.json says {used} used")
     if images["wrong_pairs"]["count"]:
         problems.append(f"{images['wrong_pairs']['count']} images without exactly patch indices "
                         f"0..{images['patches_per_image'] - 1} (e.g. {images['wrong_pairs']['examples'][:2]})")
@@ -177,9 +177,9 @@ def evaluate(results: dict, info: dataset_info.DatasetInfo, max_residual_share: 
                    check_split_counts(split, s_info, shards, ppi),
                    check_pairs_per_image(split, s_info, results["images"].get(split))]
         stats = results["stats"].get(split)
-        if stats is None:  # no record read: right only for a split that dataset_info.json says is empty
+        if stats is None:  # no record read: right only for a split that homography_index.json says is empty
             empty = int(s_info["num_examples"]) == 0
-            checks.append(check(f"{split}/records", HARD, empty, "empty split, as dataset_info.json says" if empty
+            checks.append(check(f"{split}/records", HARD, empty, "empty split, as homography_index.json says" if empty
                                 else "no record of this split could be read"))
             continue
         checks += [check_offset_range(split, stats, config.rho), check_margins(split, stats, config),
