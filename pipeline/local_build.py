@@ -11,7 +11,6 @@ pipeline.build for gs:// or a cluster. dataset_info.json is written last, atomic
 """
 from __future__ import annotations
 
-import glob
 import multiprocessing
 import os
 import sys
@@ -20,6 +19,7 @@ import time
 from pipeline.builder import shards
 from pipeline.dataset import dataset_info, schema
 from pipeline.dataset.geometry import PairConfig
+from pipeline.runtime import outputs
 
 # Files of ours that --overwrite may remove (the index first: from then on nothing claims a complete dataset).
 _OUR_FILES = (schema.DATASET_INFO + "*", "failed_images-*.jsonl", "*.tfrecord-*-of-*")
@@ -32,14 +32,10 @@ class LocalBuildError(ValueError):
 def _prepare_output_dir(output_dir: str, overwrite: bool) -> None:
     if dataset_info.is_remote(output_dir):
         raise LocalBuildError(f"the local builder writes local folders only, not {output_dir}: use pipeline.build")
-    existing = os.listdir(output_dir) if os.path.isdir(output_dir) else []
-    if existing and not overwrite:
-        raise LocalBuildError(f"output_dir {output_dir} is not empty ({len(existing)} files: "
-                              f"{', '.join(sorted(existing)[:5])}...); pass --overwrite to replace the dataset there")
-    for pattern in _OUR_FILES:
-        for path in glob.glob(os.path.join(output_dir, pattern)):
-            os.remove(path)
-    os.makedirs(output_dir, exist_ok=True)
+    try:  # a file, a non-empty folder without overwrite, a folder that cannot be written: one line
+        outputs.prepare_output_dir(output_dir, overwrite=overwrite, ours=_OUR_FILES)
+    except outputs.OutputError as e:
+        raise LocalBuildError(str(e)) from None
 
 
 def _write_one(task) -> tuple[dict, list]:
@@ -96,6 +92,9 @@ def build(coco_dir: str, output_dir: str, splits: dict, config: PairConfig, *, n
             with open(os.path.join(output_dir, schema.failed_images_file(split)), "wb") as f:
                 f.write(shards.failed_lines(failed))
             raw["splits"][split] = summary
+    failed = shards.no_images_used(raw["splits"], output_dir)
+    if failed:  # no index; the shards (empty) and failed_images-*.jsonl stay to look at
+        raise LocalBuildError(failed)
     raw["build"]["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     raw["build"]["seconds"] = round(time.time() - t0, 1)
     dataset_info.write(output_dir, raw)

@@ -158,6 +158,17 @@ def split_summary(shards: list, failed: list, *, name: str, split: str, source_s
     }, empty
 
 
+def no_images_used(splits: dict, output_dir: str) -> str | None:
+    """The one-line error of a build in which every image of a split failed (missing, undecodable, ...),
+    naming its failed_images file; None when every split has pairs."""
+    for split, s in splits.items():
+        if s["images_listed"] and not s["images_used"]:
+            reasons = ", ".join(f"{k} {v}" for k, v in s["failed_by_reason"].items())
+            return (f"split '{split}': none of its {s['images_listed']} images could be used ({reasons}); "
+                    f"see {dataset_info.join(output_dir, schema.failed_images_file(split))}")
+    return None
+
+
 def failed_lines(failed: list) -> bytes:
     """failed_images-<split>.jsonl's content: one JSON object a line, by image id."""
     import json
