@@ -47,10 +47,12 @@ class PairConfig:
         """Raises ValueError naming the problem when the geometry cannot fit or is out of bounds (README:
         patch_size 1..MAX_PATCH_SIZE, rho >= 1, image sides up to MAX_IMAGE_SIDE, one image's pairs within
         MAX_IMAGE_PAIR_BYTES)."""
-        if self.patch_size <= 0 or self.rho < 1 or self.patches_per_image <= 0:
-            raise ValueError(
-                f"patch_size ({self.patch_size}) and patches_per_image ({self.patches_per_image}) "
-                f"must be positive and rho ({self.rho}) at least 1 (rho 0 is no motion: nothing to learn)")
+        if self.patch_size <= 0 or self.patches_per_image <= 0:
+            raise ValueError(f"patch_size ({self.patch_size}) and patches_per_image ({self.patches_per_image}) "
+                             f"must be positive")
+        if self.rho < 1:
+            raise ValueError(f"rho must be at least 1, got {self.rho} (rho 0 is no motion: nothing to learn, "
+                             f"and labels scaled by 1/rho)")
         if self.patch_size > MAX_PATCH_SIZE:
             raise ValueError(f"patch_size {self.patch_size} is larger than the {MAX_PATCH_SIZE} px allowed")
         if max(self.image_width, self.image_height) > MAX_IMAGE_SIDE:

@@ -9,7 +9,7 @@ Nothing that was there is touched by a refusal. Remote paths (gs://...) are the 
 (Beam's FileSystems), as before.
 
 Writes that fail later (disk full, a filesystem remounted read-only) are turned into the same error by
-`writing`, and `require_space` refuses a large write that cannot fit before it starts.
+`writing`, and `reserve_space` refuses a large write that cannot fit before it starts.
 """
 from __future__ import annotations
 
@@ -37,6 +37,20 @@ def _reason(error: OSError) -> str:
         return os.strerror(error.errno)
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__
+
+
+# The causes of a write that fails for want of room or permission (not of the data written).
+WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG)
+
+
+def write_failure(error: BaseException) -> str | None:
+    """The cause ('No space left on device', 'Read-only file system', ...) when error is a write refused by
+    the filesystem, from its errno or (libraries that wrap it: TensorFlow, Beam's workers) its text; else None."""
+    code = getattr(error, "errno", None)
+    if code in WRITE_ERRNOS:
+        return os.strerror(code)
+    text = str(error)
+    return next((os.strerror(c) for c in WRITE_ERRNOS if os.strerror(c) in text), None)
 
 
 def nearest_existing(path: str) -> str:
@@ -115,20 +129,28 @@ def prepare_output_dir(path: str, *, overwrite: bool = False, prog: str | None =
     return path
 
 
-def free_bytes(folder: str) -> int | None:
+def reserve_space(folder: str, nbytes: int, what: str) -> None:
+    """Makes sure nbytes more can be written in folder (free space and quota alike) by allocating them in a
+    temporary file there, removed again before returning: a write that follows at once fits. OutputError
+    (one line) when they cannot be. For writers that fail badly on a full disk (HDF5 leaves a file it can
+    neither write nor close, and crashes the process at exit)."""
     try:
-        st = os.statvfs(folder)
-    except (OSError, AttributeError):
-        return None
-    return st.f_bavail * st.f_frsize
-
-
-def require_space(folder: str, nbytes: int, what: str) -> None:
-    """OutputError when the filesystem of `folder` has less than nbytes free for `what` (one line)."""
-    free = free_bytes(folder)
-    if free is not None and free < nbytes:
-        raise OutputError(f"cannot write {what} in {folder}: {os.strerror(errno.ENOSPC)} "
-                          f"({free / 2**20:.1f} MiB free, {nbytes / 2**20:.1f} MiB needed)")
+        fd, name = tempfile.mkstemp(prefix=".reserve-", dir=folder)
+    except OSError as e:
+        raise OutputError(f"cannot write {what} in {folder}: {_reason(e)}") from None
+    try:
+        if hasattr(os, "posix_fallocate"):
+            os.posix_fallocate(fd, 0, max(int(nbytes), 1))
+        else:  # no fallocate: the free space the filesystem reports (quotas unseen)
+            st = os.statvfs(folder)
+            if st.f_bavail * st.f_frsize < nbytes:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    except OSError as e:
+        raise OutputError(f"cannot write {what} in {folder}: {_reason(e)} ({nbytes / 2**20:.1f} MiB needed)") \
+            from None
+    finally:
+        os.close(fd)
+        os.unlink(name)
 
 
 @contextlib.contextmanager
