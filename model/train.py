@@ -186,7 +186,6 @@ def train(data_dir: str, model_dir: str, *, step_hook=None, architecture_options
 
     strategy, devices = loop.devices(keras)
     replicas = strategy.num_replicas_in_sync if strategy else 1
-    _check_input(a, train_cfg, replicas, init_from)
     config = {**a, "data_dir": os.path.abspath(data_dir) if "://" not in data_dir else data_dir,
               "patch_size": train_cfg.patch_size, "channels": train_cfg.channels, "rho": train_cfg.rho,
               "image_width": train_cfg.image_width, "image_height": train_cfg.image_height,
@@ -198,6 +197,7 @@ def train(data_dir: str, model_dir: str, *, step_hook=None, architecture_options
               "jit_compile": True if keras.backend.backend() == "jax" else bool(a["jit_compile"]),
               "architecture_options": dict(architecture_options or {})}
     _check_model_dir(model_dir, config)
+    _check_input(a, train_cfg, replicas, init_from)
     with outputs.writing(model_dir, "create"):
         os.makedirs(model_dir, exist_ok=True)
     try:

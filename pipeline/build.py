@@ -97,6 +97,10 @@ def build(coco_dir: str, output_dir: str, splits: dict, config: PairConfig, *, n
 def _run(listings, shard_counts, output_dir, config, name, reduced_decode, overwrite, options, dry_run) -> dict:
     if not dry_run:
         prepare_output_dir(output_dir, overwrite)
+        try:
+            shards.require_room(output_dir, listings, config)
+        except outputs.OutputError as e:
+            raise BuildError(str(e)) from None
     started = time.time()
     header = shards.header(config, name, str(options.view_as(StandardOptions).runner), sys.argv, reduced_decode,
                            time.strftime("%Y-%m-%dT%H:%M:%S%z"))
@@ -169,6 +173,10 @@ def main(argv):
                      name=FLAGS.dataset_name, reduced_decode=FLAGS.reduced_decode, beam_args=argv[1:])
     except (BuildError, dataset_info.DatasetError) as e:
         return cli.fail("pipeline.build", str(e))
+    except Exception as e:  # a disk that filled up (or went read-only) while the workers wrote shards
+        if outputs.write_failure(e) is None:
+            raise
+        return cli.fail("pipeline.build", outputs.dataset_write_failure(FLAGS.output_dir, e))
     if info.get("dry_run"):
         print("dry run: job graph built, nothing submitted")
         return 0

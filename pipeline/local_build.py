@@ -29,11 +29,12 @@ class LocalBuildError(ValueError):
     """A build that must not start; the message names the problem."""
 
 
-def _prepare_output_dir(output_dir: str, overwrite: bool) -> None:
+def _prepare_output_dir(output_dir: str, overwrite: bool, listings: dict, config: PairConfig) -> None:
     if dataset_info.is_remote(output_dir):
         raise LocalBuildError(f"the local builder writes local folders only, not {output_dir}: use pipeline.build")
     try:  # a file, a non-empty folder without overwrite, a folder that cannot be written: one line
         outputs.prepare_output_dir(output_dir, overwrite=overwrite, ours=_OUR_FILES)
+        shards.require_room(output_dir, listings, config)
     except outputs.OutputError as e:
         raise LocalBuildError(str(e)) from None
 
@@ -63,7 +64,7 @@ def build(coco_dir: str, output_dir: str, splits: dict, config: PairConfig, *, n
         listings = shards.list_splits(coco_dir, splits, config, num_shards, max_images)
     except ValueError as e:
         raise LocalBuildError(str(e)) from e
-    _prepare_output_dir(output_dir, overwrite)
+    _prepare_output_dir(output_dir, overwrite, listings, config)
     workers = workers or os.cpu_count() or 1
     started, t0 = time.strftime("%Y-%m-%dT%H:%M:%S%z"), time.time()
     raw = shards.header(config, name, f"local ({workers} processes)", sys.argv, reduced_decode, started)
@@ -134,6 +135,10 @@ def main(argv):
                      reduced_decode=f.reduced_decode, workers=f.workers)
     except (LocalBuildError, dataset_info.DatasetError) as e:
         return cli.fail("pipeline.local_build", str(e))
+    except OSError as e:  # a disk that filled up (or went read-only) while shards were written
+        if outputs.write_failure(e) is None:
+            raise
+        return cli.fail("pipeline.local_build", outputs.dataset_write_failure(f.output_dir, e))
     total = sum(s["num_examples"] for s in info["splits"].values())
     per_split = ", ".join(f"{k} {v['num_examples']}" for k, v in info["splits"].items())
     print(f"built {total} pairs ({per_split}) in "

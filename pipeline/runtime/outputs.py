@@ -39,8 +39,8 @@ def _reason(error: OSError) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
-# The causes of a write that fails for want of room or permission (not of the data written).
-WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG)
+# The causes of a write that fails for want of room or of a writable filesystem (never of the data written).
+WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG)
 
 
 def write_failure(error: BaseException) -> str | None:
@@ -51,6 +51,12 @@ def write_failure(error: BaseException) -> str | None:
         return os.strerror(code)
     text = str(error)
     return next((os.strerror(c) for c in WRITE_ERRNOS if os.strerror(c) in text), None)
+
+
+def dataset_write_failure(output_dir: str, error: BaseException) -> str:
+    """The one line of a build that could not write its shards (write_failure(error) is not None)."""
+    return (f"cannot write the dataset in {output_dir}: {write_failure(error)}; no index was written, so nothing "
+            f"there claims a complete dataset (free some room and build again with --overwrite)")
 
 
 def nearest_existing(path: str) -> str:
@@ -127,6 +133,18 @@ def prepare_output_dir(path: str, *, overwrite: bool = False, prog: str | None =
         print(f"{prog}: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     return path
+
+
+def require_space(folder: str, nbytes: int, what: str) -> None:
+    """OutputError (one line) when the filesystem of folder reports less than nbytes free for `what`."""
+    try:
+        st = os.statvfs(folder)
+    except (OSError, AttributeError):
+        return
+    free = st.f_bavail * st.f_frsize
+    if free < nbytes:
+        raise OutputError(f"cannot write {what} in {folder}: {os.strerror(errno.ENOSPC)} ({free / 2**20:.1f} MiB "
+                          f"free, up to {nbytes / 2**20:.1f} MiB needed)")
 
 
 def reserve_space(folder: str, nbytes: int, what: str) -> None:
