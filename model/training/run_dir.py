@@ -106,7 +106,7 @@ def latest_checkpoint(model_dir: str):
     return found[-1] if found else None
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(ValueError):
     """Checkpoints there, none of which loads; the message names the folder and what failed."""
 
 
