@@ -331,11 +331,12 @@ def main(argv):
     from model.train import Diverged, TrainError
     from model.training.data import DatasetError
     from pipeline.build import BuildError
+    from pipeline.runtime.outputs import OutputError
 
     t0 = time.time()
     try:
         report = run_sweep(settings_from_flags(argv[1:]), FLAGS.variants)
-    except (ExperimentError, BuildError, TrainError, EvaluationError, DatasetError, Diverged) as e:
+    except (ExperimentError, BuildError, TrainError, EvaluationError, DatasetError, Diverged, OutputError) as e:
         return _fail(str(e))
     print(markdown(report))
     print(f"sweep done in {time.time() - t0:.0f} s; report: {os.path.join(FLAGS.output_dir, REPORT_MD)}")

@@ -40,7 +40,7 @@ from model import network
 from model.training import data, loop, losses, run_dir
 from model.training.loop import Diverged  # raised by train(); callers catch train.Diverged
 from pipeline.dataset import photometric
-from pipeline.runtime import cli
+from pipeline.runtime import cli, outputs
 
 HISTORY_FIELDS = run_dir.HISTORY_FIELDS
 plot_mace = run_dir.plot_mace
@@ -101,9 +101,49 @@ def _check_args(a: dict) -> None:
             raise TrainError(f"--{flag} runs on the TensorFlow-free reader: add --reader=records")
 
 
+# Bounds on what one training job may hold in memory (README, "What the commands promise").
+MAX_BATCH_BYTES = 1 << 30     # one replica's batch of float32 inputs: 8,192 pairs of 128 px grayscale
+MAX_SHUFFLE_BYTES = 2 << 30   # the shuffle buffer's records: 65,536 pairs of 128 px grayscale
+
+
+def _check_input(a: dict, train_cfg, replicas: int, init_from: str | None) -> None:
+    """Refuses, before any work, what the data cannot feed or memory cannot hold: a batch larger than the
+    training split or than MAX_BATCH_BYTES, a shuffle buffer over MAX_SHUFFLE_BYTES, a network that cannot
+    take the data's patches, --init_from weights made for another network or other patches."""
+    p, c = train_cfg.patch_size, train_cfg.channels
+    problem = network.input_problem(a["architecture"], p, c)
+    if problem:
+        raise TrainError(f"--architecture={a['architecture']}: {problem}")
+    batch = a["batch_size"] * replicas
+    if batch > train_cfg.num_examples:
+        raise TrainError(f"--batch_size {a['batch_size']} (x {replicas} replicas) is larger than the "
+                         f"{train_cfg.num_examples} pairs of split '{a['train_split']}'")
+    pair_bytes = p * p * c * 2
+    if a["batch_size"] * pair_bytes * 4 > MAX_BATCH_BYTES:
+        raise TrainError(f"--batch_size {a['batch_size']} of {p} px pairs needs more than {MAX_BATCH_BYTES >> 30} GiB "
+                         f"of input a step; at most {MAX_BATCH_BYTES // (pair_bytes * 4)} at this patch size")
+    if a["shuffle_buffer"] * pair_bytes > MAX_SHUFFLE_BYTES:
+        raise TrainError(f"--shuffle_buffer {a['shuffle_buffer']} of {p} px pairs needs more than "
+                         f"{MAX_SHUFFLE_BYTES >> 30} GiB; at most {MAX_SHUFFLE_BYTES // pair_bytes} at this patch size")
+    if init_from:
+        source = _read_config(init_from)
+        theirs = (source.get("architecture"), source.get("patch_size"), source.get("channels"))
+        if theirs != (a["architecture"], p, c):
+            raise TrainError(f"--init_from {init_from} holds a {theirs[0]} network for {theirs[1]} px patches with "
+                             f"{theirs[2]} channel(s); this run trains a {a['architecture']} network on {p} px "
+                             f"patches with {c}")
+
+
+def _read_config(model_dir: str) -> dict | None:
+    try:
+        return network.read_config(model_dir)
+    except network.RunConfigError as e:
+        raise TrainError(str(e)) from None
+
+
 def _check_model_dir(model_dir: str, config: dict) -> None:
     """Refuses to resume a run whose checkpoints were made for another network or input geometry."""
-    old = network.read_config(model_dir)
+    old = _read_config(model_dir)
     if old is None:
         return
     diff = [f"{k}: {old.get(k)!r} there, {config[k]!r} now" for k in STRUCTURE_KEYS if old.get(k) != config[k]]
@@ -122,7 +162,8 @@ def train(data_dir: str, model_dir: str, *, step_hook=None, architecture_options
     kwargs: any key of DEFAULTS. step_hook(step) is called after each execution of steps (tests use it to
     interrupt a run). architecture_options: JSON-able options for network.build (the architecture's own,
     init_from, freeze), recorded in config.json. Raises TrainError / data.DatasetError before any training
-    for bad inputs; RunBusy when another live job holds model_dir; Diverged on a non-finite loss or weights
+    for bad inputs (outputs.OutputError for a model_dir that is a file or cannot be written, also when a
+    write fails later: a full disk); RunBusy when another live job holds model_dir; Diverged on a non-finite loss or weights
     (nothing saved from it); data.DamagedShardError for a damaged shard (a checkpoint of the last completed
     step saved first); KeyboardInterrupt (Ctrl-C, SIGTERM from the CLI) after saving a checkpoint.
     """
@@ -132,8 +173,10 @@ def train(data_dir: str, model_dir: str, *, step_hook=None, architecture_options
         raise TypeError(f"unknown train() arguments: {', '.join(sorted(unknown))}")
     a = {**DEFAULTS, **kwargs}
     _check_args(a)
+    # a file, or a folder that cannot be written (read-only filesystem): one line before any work
+    outputs.check_output_dir(model_dir, must_be_empty=False, flag="model_dir")
     init_from = (architecture_options or {}).get("init_from")
-    if init_from and (network.read_config(init_from) is None
+    if init_from and (_read_config(init_from) is None
                       or not os.path.exists(os.path.join(init_from, network.MODEL_FILE))):
         raise TrainError(f"--init_from {init_from} is not a finished training run (needs {network.CONFIG_FILE} and "
                          f"{network.MODEL_FILE})")
@@ -156,7 +199,9 @@ def train(data_dir: str, model_dir: str, *, step_hook=None, architecture_options
               "jit_compile": True if keras.backend.backend() == "jax" else bool(a["jit_compile"]),
               "architecture_options": dict(architecture_options or {})}
     _check_model_dir(model_dir, config)
-    os.makedirs(model_dir, exist_ok=True)
+    _check_input(a, train_cfg, replicas, init_from)
+    with outputs.writing(model_dir, "create"):
+        os.makedirs(model_dir, exist_ok=True)
     try:
         lock = run_dir.RunLock(model_dir).acquire()
     except run_dir.RunDirBusy as e:
@@ -245,8 +290,13 @@ def main(argv):
         if FLAGS.init_from:  # fine-tuning: the weights of another run (or the shipped ones), layer by layer
             options["init_from"] = os.path.abspath(FLAGS.init_from)
         result = train(FLAGS.data_dir, FLAGS.model_dir, architecture_options=options, **args)
-    except (TrainError, data.DatasetError) as e:  # DamagedShardError is a DatasetError
-        return _fail(str(e))
+    except (TrainError, data.DatasetError, outputs.OutputError, run_dir.CheckpointError) as e:
+        code = _fail(str(e))  # DamagedShardError is a DatasetError; OutputError: a disk full or read-only
+        if run_dir.hdf5_failed():  # HDF5 would crash the process at exit (run_dir.write_or_fail): end it here
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+        return code
     except Diverged as e:
         print(f"model.train: diverged: {e}", file=sys.stderr)
         return 1

@@ -7,7 +7,6 @@
 """
 from __future__ import annotations
 
-import os
 import sys
 import time
 
@@ -19,7 +18,7 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 from pipeline.builder import shards, transforms
 from pipeline.dataset import dataset_info, schema
 from pipeline.dataset.geometry import PairConfig
-from pipeline.runtime import cli, runners
+from pipeline.runtime import cli, outputs, runners
 
 
 
@@ -39,8 +38,15 @@ auto_num_shards = shards.auto_num_shards
 
 
 def prepare_output_dir(output_dir: str, overwrite: bool) -> None:
-    """Refuses a non-empty output_dir unless overwrite; then removes every file a build writes
+    """Refuses an output_dir that cannot take the dataset (pipeline.runtime.outputs: a file, a non-empty
+    folder without overwrite, one that cannot be written); then removes every file a build writes
     (schema.BUILD_OUTPUTS, the index and TFDS's metadata first), leaving others' files alone."""
+    if not dataset_info.is_remote(output_dir):
+        try:
+            outputs.prepare_output_dir(output_dir, overwrite=overwrite, ours=schema.BUILD_OUTPUTS)
+        except outputs.OutputError as e:
+            raise BuildError(str(e)) from None
+        return
     existing = FileSystems.match([dataset_info.join(output_dir, "*")])[0].metadata_list \
         if FileSystems.exists(output_dir) else []
     if existing and not overwrite:
@@ -52,8 +58,6 @@ def prepare_output_dir(output_dir: str, overwrite: bool) -> None:
             paths = [m.path for m in FileSystems.match([dataset_info.join(output_dir, pattern)])[0].metadata_list]
             if paths:
                 FileSystems.delete(paths)
-    if "://" not in output_dir:
-        FileSystems.mkdirs(output_dir) if not FileSystems.exists(output_dir) else None
 
 
 def build(coco_dir: str, output_dir: str, splits: dict, config: PairConfig, *, num_shards: int = 0,
@@ -70,10 +74,15 @@ def build(coco_dir: str, output_dir: str, splits: dict, config: PairConfig, *, n
     options = PipelineOptions(beam_args or [])
     runners.set_default_runner(options)  # DirectRunner unless named (run on Beam's FnApiRunner, never Prism)
     dry_run = options.view_as(TestOptions).dry_run
+    if not dry_run and not dataset_info.is_remote(output_dir):
+        try:  # refused before the job and before anything there is touched (removals come in _run)
+            outputs.check_output_dir(output_dir, overwrite=overwrite)
+        except outputs.OutputError as e:
+            raise BuildError(str(e)) from None
     shard_counts = {split: num_shards or auto_num_shards(len(records), config)
                     for split, (records, _, _) in listings.items()}
     # Workers must see the images and the output folder (or the folder it will be made in); local paths only.
-    seen = [p for p in (coco_dir, _existing_parent(output_dir)) if "://" not in p]
+    seen = [p for p in (coco_dir, outputs.nearest_existing(output_dir)) if "://" not in p]
     try:
         # DaskRunner: one partition per shard, so one task writes one shard and dask balances them.
         with runners.session(options, worker_paths=seen, partitions=max(shard_counts.values())):
@@ -82,18 +91,13 @@ def build(coco_dir: str, output_dir: str, splits: dict, config: PairConfig, *, n
         raise BuildError(str(e)) from e
 
 
-def _existing_parent(path: str) -> str:
-    if "://" in path:
-        return path
-    path = os.path.abspath(path)
-    while not os.path.exists(path) and os.path.dirname(path) != path:
-        path = os.path.dirname(path)
-    return path
-
-
 def _run(listings, shard_counts, output_dir, config, name, reduced_decode, overwrite, options, dry_run) -> dict:
     if not dry_run:
         prepare_output_dir(output_dir, overwrite)
+        try:
+            shards.require_room(output_dir, listings, config)
+        except outputs.OutputError as e:
+            raise BuildError(str(e)) from None
     started = time.time()
     header = shards.header(config, name, str(options.view_as(StandardOptions).runner), sys.argv, reduced_decode,
                            time.strftime("%Y-%m-%dT%H:%M:%S%z"))
@@ -116,6 +120,12 @@ def _run(listings, shard_counts, output_dir, config, name, reduced_decode, overw
         return {"dry_run": True, "job": getattr(result, "job", None), "pipeline": pipeline}
     runners.wait(result)  # and closes a DaskRunner's client
     info = dataset_info.read(output_dir).raw
+    failed = shards.no_images_used(info["splits"], output_dir)
+    if failed:  # no index claims a dataset; the shards (empty) and failed_images-*.jsonl stay to look at
+        FileSystems.delete([p for p in (dataset_info.join(output_dir, name) for name in
+                                         (schema.INDEX, schema.TFDS_DATASET_INFO, schema.TFDS_FEATURES))
+                            if FileSystems.exists(p)])
+        raise BuildError(failed)
     info["build"]["seconds"] = round(time.time() - started, 1)
     counters = runners.counters(result, transforms.NAMESPACE)
     if counters is None:
@@ -164,6 +174,10 @@ def main(argv):
                      name=FLAGS.dataset_name, reduced_decode=FLAGS.reduced_decode, beam_args=argv[1:])
     except (BuildError, dataset_info.DatasetError) as e:
         return cli.fail("pipeline.build", str(e))
+    except Exception as e:  # a disk that filled up (or went read-only) while the workers wrote shards
+        if outputs.write_failure(e) is None:
+            raise
+        return cli.fail("pipeline.build", outputs.dataset_write_failure(FLAGS.output_dir, e))
     if info.get("dry_run"):
         print("dry run: job graph built, nothing submitted")
         return 0

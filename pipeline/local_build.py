@@ -12,7 +12,6 @@ features.json are written last, atomically, as there.
 """
 from __future__ import annotations
 
-import glob
 import multiprocessing
 import os
 import sys
@@ -21,22 +20,20 @@ import time
 from pipeline.builder import shards
 from pipeline.dataset import dataset_info, schema
 from pipeline.dataset.geometry import PairConfig
+from pipeline.runtime import outputs
 
 class LocalBuildError(ValueError):
     """A build that must not start; the message names the problem."""
 
 
-def _prepare_output_dir(output_dir: str, overwrite: bool) -> None:
+def _prepare_output_dir(output_dir: str, overwrite: bool, listings: dict, config: PairConfig) -> None:
     if dataset_info.is_remote(output_dir):
         raise LocalBuildError(f"the local builder writes local folders only, not {output_dir}: use pipeline.build")
-    existing = os.listdir(output_dir) if os.path.isdir(output_dir) else []
-    if existing and not overwrite:
-        raise LocalBuildError(f"output_dir {output_dir} is not empty ({len(existing)} files: "
-                              f"{', '.join(sorted(existing)[:5])}...); pass --overwrite to replace the dataset there")
-    for pattern in schema.BUILD_OUTPUTS:  # every file a build writes, the metadata first
-        for path in glob.glob(os.path.join(output_dir, pattern)):
-            os.remove(path)
-    os.makedirs(output_dir, exist_ok=True)
+    try:  # a file, a non-empty folder without overwrite, a folder that cannot be written: one line
+        outputs.prepare_output_dir(output_dir, overwrite=overwrite, ours=schema.BUILD_OUTPUTS)
+        shards.require_room(output_dir, listings, config)
+    except outputs.OutputError as e:
+        raise LocalBuildError(str(e)) from None
 
 
 def _write_one(task) -> tuple[dict, list]:
@@ -64,7 +61,7 @@ def build(coco_dir: str, output_dir: str, splits: dict, config: PairConfig, *, n
         listings = shards.list_splits(coco_dir, splits, config, num_shards, max_images, name)
     except ValueError as e:
         raise LocalBuildError(str(e)) from e
-    _prepare_output_dir(output_dir, overwrite)
+    _prepare_output_dir(output_dir, overwrite, listings, config)
     workers = workers or os.cpu_count() or 1
     started, t0 = time.strftime("%Y-%m-%dT%H:%M:%S%z"), time.time()
     raw = shards.header(config, name, f"local ({workers} processes)", sys.argv, reduced_decode, started)
@@ -93,6 +90,9 @@ def build(coco_dir: str, output_dir: str, splits: dict, config: PairConfig, *, n
             with open(os.path.join(output_dir, schema.failed_images_file(split)), "wb") as f:
                 f.write(shards.failed_lines(failed))
             raw["splits"][split] = summary
+    failed = shards.no_images_used(raw["splits"], output_dir)
+    if failed:  # no index; the shards (empty) and failed_images-*.jsonl stay to look at
+        raise LocalBuildError(failed)
     raw["build"]["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     raw["build"]["seconds"] = round(time.time() - t0, 1)
     shards.write_metadata(output_dir, raw)
@@ -133,6 +133,10 @@ def main(argv):
                      reduced_decode=f.reduced_decode, workers=f.workers)
     except (LocalBuildError, dataset_info.DatasetError) as e:
         return cli.fail("pipeline.local_build", str(e))
+    except OSError as e:  # a disk that filled up (or went read-only) while shards were written
+        if outputs.write_failure(e) is None:
+            raise
+        return cli.fail("pipeline.local_build", outputs.dataset_write_failure(f.output_dir, e))
     total = sum(s["num_examples"] for s in info["splits"].values())
     per_split = ", ".join(f"{k} {v['num_examples']}" for k, v in info["splits"].items())
     print(f"built {total} pairs ({per_split}) in "

@@ -117,6 +117,12 @@ def _to_model_io(config: DataConfig, static_batch: int | None):
 def _records(config: DataConfig, training: bool, seed):
     import tensorflow as tf
 
+    from pipeline.reader import verify
+
+    # Before tf.data reads a byte: each shard's record headers against the index's geometry and counts (a
+    # record of another patch size, or a header claiming 1 TiB that TFRecordDataset would allocate).
+    verify.check_frames(zip(config.shard_files, config.shard_counts), config.patch_size, config.channels,
+                        size_of=lambda path: tf.io.gfile.stat(path).length)
     files = tf.data.Dataset.from_tensor_slices((list(config.shard_files),
                                                 tf.constant(list(config.shard_counts), tf.int64)))
 
@@ -187,7 +193,8 @@ class DamagedShardError(DatasetError):
         self.path, self.offset, self.detail = path, offset, detail
         audit = f"python -m pipeline.audit --data_dir={data_dir} --output_dir=AUDIT_DIR" if data_dir else \
             "python -m pipeline.audit"
-        where = f"shard {path} is damaged at byte {offset}" if path else "a shard is damaged"
+        where = (f"shard {path} is damaged" + (f" at byte {offset}" if offset is not None else "")) if path \
+            else "a shard is damaged"
         super().__init__(f"{where} ({detail}); {note + '; ' if note else ''}check the dataset with `{audit}` "
                          f"and rebuild it")
 
@@ -212,31 +219,34 @@ def uses_tf_data(reader: str = "auto") -> bool:
 def damaged_shard(error: BaseException, data_dir: str, split: str):
     """The DamagedShardError behind a reader's error, or None when the error is not about damaged data.
 
-    The reader's CorruptShardError carries the shard and offset. tf.data's DataLossError ("truncated
-    record at N", "corrupted record at N") names neither, so the split's shards are scanned with the
-    CRC-checking reader to find the damage."""
-    from pipeline.reader import framing
+    The reader's CorruptShardError carries the shard and offset. tf.data's errors name neither: a
+    DataLossError ("truncated record at N", "corrupted record at N"), a count that is not the index's
+    ("expected to contain N elements"), a record of another patch size (parse_batch's shape check), or the
+    reader's errors re-raised from inside a generator; the split's shards are then read as the reader
+    reads them to find the shard (pipeline.reader.verify.find_damage)."""
+    from pipeline.reader import framing, verify
 
     if isinstance(error, DamagedShardError):
         return error
     if isinstance(error, framing.CorruptShardError):
         return DamagedShardError(error.path, error.offset, error.problem, data_dir)
     tf = sys.modules.get("tensorflow")
-    if tf is None or not (isinstance(error, tf.errors.DataLossError) or _READER_ERROR in str(error)
-                          or (isinstance(error, tf.errors.FailedPreconditionError)
-                              and "expected to contain" in str(error))):
+    text = str(error)
+    lost = tf is not None and (isinstance(error, tf.errors.DataLossError) or (
+        isinstance(error, tf.errors.FailedPreconditionError) and "expected to contain" in text))
+    misfit = tf is not None and isinstance(error, tf.errors.InvalidArgumentError) and any(
+        m in text for m in _MISFIT)
+    if not (lost or misfit or any(m in text for m in _READER_ERRORS)):
         return None
     config = dataset_config(data_dir, split)
-    for path in config.shard_files:
-        try:
-            for _ in framing.iter_records(path):
-                pass
-        except framing.CorruptShardError as e:
-            return DamagedShardError(e.path, e.offset, e.problem, data_dir)
-    return DamagedShardError(None, None, f"split '{split}': {_first_line(error)}", data_dir)
+    found = verify.find_damage(zip(config.shard_files, config.shard_counts), config.patch_size, config.channels)
+    if found:
+        return DamagedShardError(*found, data_dir)
+    return None if misfit else DamagedShardError(None, None, f"split '{split}': {_first_line(error)}", data_dir)
 
 
-_READER_ERROR = "CorruptShardError"  # the reader's error, as TF reports it from inside a generator
+_READER_ERRORS = ("CorruptShardError", "DatasetError")  # the reader's errors, as TF reports them from a generator
+_MISFIT = ("DecodeRaw", "is not compatible with expected shape")  # records of another size than the index's
 
 
 def _first_line(error: BaseException) -> str:

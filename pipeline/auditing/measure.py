@@ -23,7 +23,7 @@ from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
-from pipeline.dataset import geometry, photometric, schema
+from pipeline.dataset import geometry, index_checks, photometric, schema
 from pipeline.reader.framing import CorruptShardError, read_framed  # the builder's TFRecord framing
 
 NAMESPACE = "homography_audit"
@@ -35,16 +35,17 @@ class ShardReadError(ValueError):
     """A shard that cannot be read to its end (truncated, corrupt, or unparsable record)."""
 
 
-def iter_tfrecords(f):
+def iter_tfrecords(f, lengths: tuple | None = None):
     """Yields the payloads of a TFRecord stream, read and crc-checked by the builder's own framing code
-    (pipeline.reader.framing); raises ShardReadError naming the record, its byte offset and the kind of damage."""
+    (pipeline.reader.framing; lengths: the record sizes the geometry allows, index_checks.record_bounds);
+    raises ShardReadError naming the record, its byte offset and the kind of damage."""
     index = 0
     try:
-        for data in read_framed(f):
+        for data in read_framed(f, lengths=lengths):
             index += 1
             yield data
     except CorruptShardError as e:
-        kind = "truncated" if e.truncated else "corrupt (checksum mismatch)"
+        kind = "truncated" if e.truncated else ("corrupt (checksum mismatch)" if "CRC" in e.problem else "corrupt")
         raise ShardReadError(f"{kind} at record {index}, byte offset {e.offset} ({e.problem})") from e
 
 
@@ -60,7 +61,7 @@ class _ReadShardFn(beam.DoFn):
         split_counter = Metrics.counter(NAMESPACE, f"{spec['split']}_records_read")
         try:
             with FileSystems.open(spec["path"], compression_type=CompressionTypes.UNCOMPRESSED) as f:
-                for data in iter_tfrecords(f):
+                for data in iter_tfrecords(f, index_checks.record_bounds(cfg.patch_size, cfg.channels)):
                     try:
                         record = schema.decode(data, cfg.patch_size, cfg.channels)
                     except Exception as e:  # a record that is not our schema is a damaged shard

@@ -158,6 +158,31 @@ def split_summary(shards: list, failed: list, *, name: str, split: str, source_s
     }, empty
 
 
+def require_room(output_dir: str, listings: dict, config: geometry.PairConfig) -> None:
+    """outputs.OutputError when a local output_dir's filesystem has less room than the records of every
+    listed image could take (the largest record the geometry allows, index_checks.record_bounds): a build
+    that cannot fit is refused before its job, not stopped by a full disk halfway."""
+    if dataset_info.is_remote(output_dir):
+        return
+    from pipeline.dataset import index_checks
+    from pipeline.runtime import outputs
+
+    record = index_checks.record_bounds(config.patch_size, config.channels)[1] + 16
+    pairs = sum(len(listing) for listing, _, _ in listings.values()) * config.patches_per_image
+    outputs.require_space(output_dir, pairs * record + (1 << 20), f"{pairs} pairs")
+
+
+def no_images_used(splits: dict, output_dir: str) -> str | None:
+    """The one-line error of a build in which every image of a split failed (missing, undecodable, ...),
+    naming its failed_images file; None when every split has pairs."""
+    for split, s in splits.items():
+        if s["images_listed"] and not s["images_used"]:
+            reasons = ", ".join(f"{k} {v}" for k, v in s["failed_by_reason"].items())
+            return (f"split '{split}': none of its {s['images_listed']} images could be used ({reasons}); "
+                    f"see {dataset_info.join(output_dir, schema.failed_images_file(split))}")
+    return None
+
+
 def failed_lines(failed: list) -> bytes:
     """failed_images-<split>.jsonl's content: one JSON object a line, by image id."""
     import json

@@ -88,6 +88,9 @@ class DatasetInfo:
             raise DatasetError(f"split '{name}' is not in {join(self.data_dir, schema.INDEX)}; "
                                f"it has: {', '.join(splits) or 'none'}")
         s = splits[name]
+        from pipeline.dataset import index_checks
+
+        index_checks.check_split_total(s, name, join(self.data_dir, schema.INDEX))
         shards = s.get("shards", [])
         info = SplitInfo(name, int(s["num_examples"]), [join(self.data_dir, sh["file"]) for sh in shards],
                          [int(sh["num_examples"]) for sh in shards], s)
@@ -122,6 +125,9 @@ def read(data_dir: str) -> DatasetInfo:
                 str(sh["file"]), int(sh["num_examples"])
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise DatasetError(f"{path} is malformed ({type(e).__name__}: {e})") from e
+    from pipeline.dataset import index_checks
+
+    index_checks.check_index(raw, config, path)  # bounds and counts every reader relies on
     return DatasetInfo(data_dir, config, raw)
 
 

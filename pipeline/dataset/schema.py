@@ -123,7 +123,7 @@ def parse_batch(serialized, patch_size: int, channels: int) -> dict:
     import tensorflow as tf
 
     parsed = tf.io.parse_example(serialized, feature_spec())
-    shape = [-1, patch_size, patch_size, channels]
-    parsed[PATCH_A] = tf.reshape(tf.io.decode_raw(parsed[PATCH_A], tf.uint8), shape)
-    parsed[PATCH_B] = tf.reshape(tf.io.decode_raw(parsed[PATCH_B], tf.uint8), shape)
+    for key in (PATCH_A, PATCH_B):  # a record of another patch size fails here, never reshaped into this one
+        raw = tf.ensure_shape(tf.io.decode_raw(parsed[key], tf.uint8), [None, patch_size * patch_size * channels])
+        parsed[key] = tf.reshape(raw, [-1, patch_size, patch_size, channels])
     return parsed

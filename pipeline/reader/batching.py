@@ -16,7 +16,7 @@ from typing import Iterator
 
 import numpy as np
 
-from pipeline.dataset import dataset_info, schema
+from pipeline.dataset import dataset_info, index_checks, schema
 from pipeline.dataset.dataset_info import DatasetError
 from pipeline.reader.framing import decode_batch, empty_batch, iter_records
 
@@ -65,19 +65,26 @@ def open_split(data_dir: str, split: str) -> SplitSource:
 
 
 def _decode_shard(path: str, expected: int, patch_size: int, channels: int, chunk: int) -> Iterator[dict]:
-    """A shard's records decoded `chunk` at a time; the count is checked against homography_index.json."""
+    """A shard's records decoded `chunk` at a time; the count is checked against homography_index.json, every
+    record's length against the geometry (index_checks.record_bounds) before it is read."""
     pending, n = [], 0
-    for data in iter_records(path):
+    for data in iter_records(path, index_checks.record_bounds(patch_size, channels)):
         pending.append(data)
         n += 1
         if len(pending) == chunk:
             yield _decode_in_shard(pending, path, n - len(pending), patch_size, channels)
             pending = []
     if n != expected:
-        raise DatasetError(f"{path} holds {n} records but {schema.INDEX} lists {expected}: "
-                           f"the shard or the index was changed after the build")
+        raise index_checks.count_error(path, n, expected)
     if pending:
         yield _decode_in_shard(pending, path, n - len(pending), patch_size, channels)
+
+
+def verify_shard(path: str, expected: int, patch_size: int, channels: int) -> None:
+    """Reads and decodes every record of one shard as the reader does (CRCs, lengths, count, schema) and
+    raises what the reader would raise there (DatasetError, CorruptShardError), naming the shard."""
+    for _ in _decode_shard(path, expected, patch_size, channels, _CHUNK):
+        pass
 
 
 def _decode_in_shard(serialized, path, first, patch_size, channels) -> dict:
