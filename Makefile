@@ -57,7 +57,7 @@ evaluate-shipped: build
 
 demo: evaluate-shipped
 	@echo
-	@echo "dataset: $(OUT)/dataset_info.json   shipped network: $(WEIGHTS)/CARD.md (how it was trained, COCO figures)"
+	@echo "dataset: $(OUT) (index homography_index.json; a TFDS dataset directory)   shipped network: $(WEIGHTS)/CARD.md (how it was trained, COCO figures)"
 	@echo "report:  $(REPORT)/shipped/mace_report.md   (figures: $(REPORT)/shipped/*.png)"
 	@echo "train one yourself: make train (a short run) or BUILD_NOTES.md (the recipe behind the shipped weights)"
 

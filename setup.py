@@ -29,5 +29,7 @@ setuptools.setup(
     package_data={"data": ["weights/*/*"]},
     # torch: for the tests of the PyTorch reader (pipeline.reader.torch_dataset); its CPU build is all they need.
     # jax[cpu]: Keras 3 on JAX (tests/test_model_jax.py); 0.10 leaves numpy, ml_dtypes and protobuf as TF pins them.
-    extras_require={"test": ["pytest", "pytest-xdist", "torch==2.13.0", "jax[cpu]==0.10.*"]},
+    # tensorflow-datasets: tests/test_tfds.py loads builds with TFDS (4.9.4+ runs beside TF 2.21 and protobuf 6).
+    extras_require={"test": ["pytest", "pytest-xdist", "torch==2.13.0", "jax[cpu]==0.10.*",
+                             "tensorflow-datasets==4.9.10"]},
 )

@@ -8,7 +8,7 @@
    only the kept window instead of the whole image.
 2. pipeline.build on DirectRunner, multi_processing on every core, over a COCO layout cycling the real
    coco_mini JPEGs (10 pairs per image; 53,400 pairs = the 178 images x 30 = 300 pairs per image), at each
-   size: end to end (process start to dataset_info.json written) and its ratio to the ceiling, peak RSS
+   size: end to end (process start to the build's last file written) and its ratio to the ceiling, peak RSS
    of the whole process tree. --full adds the seed's 406,700 pairs (40,670 images x 10, 12.5 GiB).
 3. --before=REV runs the same builds with the code of git revision REV (extracted with git archive into
    the scratch folder), interleaved with the current code's, size by size: before / after in one run.
@@ -33,6 +33,7 @@ import time
 from absl import app, flags
 
 from bench.common import COCO_MINI, REPO, PeakRss, headline, repeated_coco
+from pipeline.dataset import schema
 
 flags.DEFINE_list("sizes", ["10000", "53400"], "Pairs per pipeline.build run (10 per image)")
 flags.DEFINE_integer("workers", os.cpu_count() or 2, "DirectRunner workers (multi_processing)")
@@ -119,7 +120,8 @@ def build_module(runner: str) -> str:
 def run_build(coco_dir: pathlib.Path, out: pathlib.Path, workers: int, code_dir: pathlib.Path = REPO,
               runner: str = "DirectRunner") -> dict:
     """One pipeline.build in a subprocess (run from code_dir's tree); end to end = process start to the
-    mtime of dataset_info.json, which the build writes last."""
+    newest mtime in out (the metadata a build writes last). code_dir may hold code from before the index
+    moved to schema.INDEX (--before): its index is then dataset_info.json."""
     cmd = [sys.executable, "-m", build_module(runner), f"--coco_dir={coco_dir}", f"--output_dir={out}",
            "--splits=train=train2017", "--overwrite"] + runner_args(runner, workers)
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=str(code_dir))
@@ -131,9 +133,10 @@ def run_build(coco_dir: pathlib.Path, out: pathlib.Path, workers: int, code_dir:
     wall = time.time() - t0
     if proc.returncode:
         sys.exit(f"bench.build: {build_module(runner)} failed:\n{output[-3000:]}")
-    with open(out / "dataset_info.json") as f:
+    index = out / schema.INDEX if (out / schema.INDEX).exists() else out / "dataset_info.json"
+    with open(index) as f:
         info = json.load(f)
-    end_to_end = (out / "dataset_info.json").stat().st_mtime - t0
+    end_to_end = max(p.stat().st_mtime for p in out.iterdir()) - t0
     n = info["splits"]["train"]["num_examples"]
     size = sum(p.stat().st_size for p in out.glob("*.tfrecord-*"))
     shutil.rmtree(out, ignore_errors=True)

@@ -91,10 +91,11 @@ def dataset_dir(data_dir: str | None, workdir: pathlib.Path) -> str:
     if data_dir:
         return data_dir
     from pipeline.build import build
+    from pipeline.dataset import schema
     from pipeline.dataset.geometry import PairConfig
 
     out = workdir / "coco_mini_rho32"
-    if not (out / "dataset_info.json").exists():
+    if not (out / schema.INDEX).exists():
         build(str(COCO_MINI), str(out), {"train": "train2017", "validation": "val2017"}, PairConfig(),
               overwrite=True, beam_args=["--runner=DirectRunner"])
     return str(out)

@@ -21,7 +21,8 @@ from bench.common import dataset_dir, headline
 flags.DEFINE_string("data_dir", None, "A built dataset (default: coco_mini built into a temporary folder)")
 flags.DEFINE_integer("batch_size", 64, "Batch size")
 flags.DEFINE_integer("steps", 20, "Timed steps per variant (after 3 warm-up steps)")
-flags.DEFINE_list("architectures", ["homographynet", "compact"], "Networks to time, each fed both ways")
+flags.DEFINE_list("architectures", ["homographynet", "compact"], "Networks to time, each fed both ways; "
+                  "compact@W: the compact network of width W (model.train --compact_width=W)")
 FLAGS = flags.FLAGS
 
 
@@ -42,7 +43,8 @@ def main(argv):
           f"patch {cfg.patch_size}x{cfg.patch_size}x{2 * cfg.channels}")
 
     def timed(architecture):
-        model = network.build(architecture, cfg.patch_size, cfg.channels)
+        name, _, width = architecture.partition("@")
+        model = network.build(name, cfg.patch_size, cfg.channels, options={"width": int(width)} if width else None)
         print(f"{architecture}: {model.count_params():,} parameters")
         return _rates(model, keras, tf, data_dir, b)
 

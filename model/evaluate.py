@@ -236,7 +236,7 @@ def _batches(data, data_dir: str, split: str, batch_size: int):
 
 
 def _full_config(data_dir: str) -> dict:
-    """The generation config of dataset_info.json (patch_size, rho, image size, channels, pairs/image, seed)."""
+    """The generation config of homography_index.json (patch_size, rho, image size, channels, pairs/image, seed)."""
     from pipeline.dataset import dataset_info
 
     return dict(dataset_info.read(data_dir).raw["config"])
@@ -281,7 +281,7 @@ FLAGS = flags.FLAGS
 
 def _define_flags():
     """Defined when the CLI runs, not at import: other modules (pipeline.build, model.train) use the same names."""
-    flags.DEFINE_string("data_dir", None, "Built dataset (holds dataset_info.json)")
+    flags.DEFINE_string("data_dir", None, "Built dataset (holds homography_index.json)")
     flags.DEFINE_string("split", "validation", "Split to evaluate on")
     flags.DEFINE_string("model_dir", None, "Training run (model.keras + config.json); omit for the classical methods alone")
     flags.DEFINE_string("output_dir", None, "Where the report files go")

@@ -88,6 +88,7 @@ def dataset_name(rho: int, channels: int) -> str:
 def ensure_dataset(s: Settings, rho: int, channels: int) -> str:
     """Builds data/rho<R>_<gray|color> once (pipeline.build); returns its folder."""
     from pipeline.build import build
+    from pipeline.dataset import schema
     from pipeline.dataset.geometry import PairConfig
 
     name = dataset_name(rho, channels)
@@ -98,7 +99,8 @@ def ensure_dataset(s: Settings, rho: int, channels: int) -> str:
     spec = _spec({"coco_dir": os.path.abspath(s.coco_dir), "splits": s.scale.splits, "max_images": s.scale.max_images,
                   "config": dataclasses.asdict(config)})
     marker = out + ".done.json"
-    if _completed(marker, spec):
+    # A dataset built before the index moved to schema.INDEX has a marker but no index: rebuilt.
+    if _completed(marker, spec) and os.path.exists(os.path.join(out, schema.INDEX)):
         _log(s, "skip", f"dataset {name}")
         return out
     t0 = time.time()
@@ -329,11 +331,12 @@ def main(argv):
     from model.train import Diverged, TrainError
     from model.training.data import DatasetError
     from pipeline.build import BuildError
+    from pipeline.runtime.outputs import OutputError
 
     t0 = time.time()
     try:
         report = run_sweep(settings_from_flags(argv[1:]), FLAGS.variants)
-    except (ExperimentError, BuildError, TrainError, EvaluationError, DatasetError, Diverged) as e:
+    except (ExperimentError, BuildError, TrainError, EvaluationError, DatasetError, Diverged, OutputError) as e:
         return _fail(str(e))
     print(markdown(report))
     print(f"sweep done in {time.time() - t0:.0f} s; report: {os.path.join(FLAGS.output_dir, REPORT_MD)}")

@@ -189,12 +189,41 @@ def first_convs(k: int, batchnorm: bool = True) -> list:
     return [n for i in range(1, k + 1) for n in ([f"conv{i}"] + ([f"bn{i}"] if batchnorm else []))]
 
 
+class RunConfigError(ValueError):
+    """A run directory's config.json that cannot be read as a run's config; the message names it."""
+
+
 def read_config(model_dir: str) -> dict | None:
+    """model_dir/config.json as a dict, None when there is none; RunConfigError (one line) when it is not
+    readable JSON of an object (cut short, overwritten, not a run's)."""
     path = os.path.join(model_dir, CONFIG_FILE)
     if not os.path.exists(path):
         return None
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path, "rb") as f:
+            config = json.loads(f.read().decode("utf-8"))
+    except (OSError, ValueError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise RunConfigError(f"{path} cannot be read as a run's config ({type(e).__name__}: {e})") from None
+    if not isinstance(config, dict):
+        raise RunConfigError(f"{path} is not a run's config (a JSON object), it holds a {type(config).__name__}")
+    return config
+
+
+# The smallest patch each network takes (and the multiple its patch size must be): the compact network's
+# stride-4 stem and three stride-2 stages bring a patch to P/32; HomographyNet's three 2x2 poolings to P/8.
+PATCH_NEEDS = {"homographynet": (8, 1), "compact": (32, 32), "mobilenetv2_towers": (32, 1)}
+
+
+def input_problem(architecture: str, patch_size: int, channels: int) -> str | None:
+    """Why `architecture` cannot take (patch_size, channels) patches, in one line; None when it can."""
+    smallest, multiple = PATCH_NEEDS.get(architecture, (1, 1))
+    if patch_size < smallest or patch_size % multiple:
+        return (f"the {architecture} network needs patches of at least {smallest} px"
+                + (f" and a multiple of {multiple}" if multiple > 1 else "")
+                + f"; this data's patches are {patch_size} px")
+    if architecture == "mobilenetv2_towers" and channels not in (1, 3):
+        return f"the {architecture} network needs 1 or 3 channels, this data has {channels}"
+    return None
 
 
 def load(model_dir: str):
@@ -207,14 +236,16 @@ def load(model_dir: str):
         return keras.models.load_model(path), config
     from model.training import run_dir  # checkpoints: Keras weights files, either backend
 
-    latest = run_dir.latest_checkpoint(model_dir)
+    options = {k: v for k, v in (config.get("architecture_options") or {}).items() if k not in INIT_ONLY_OPTIONS}
+
+    def model_for(step):
+        return (build(config["architecture"], config["patch_size"], config["channels"], config["dropout"],
+                      config["batchnorm"], dtype=dtype_policy(config.get("mixed_precision", "none")), options=options),)
+    # the model's weights (the optimizer's are not needed here), from the newest checkpoint that loads
+    latest = run_dir.restore_newest(model_dir, model_for)
     if latest is None:
         raise FileNotFoundError(f"{model_dir} holds neither {MODEL_FILE} nor a checkpoint")
-    options = {k: v for k, v in (config.get("architecture_options") or {}).items() if k not in INIT_ONLY_OPTIONS}
-    model = build(config["architecture"], config["patch_size"], config["channels"], config["dropout"],
-                  config["batchnorm"], dtype=dtype_policy(config.get("mixed_precision", "none")), options=options)
-    run_dir.restore_checkpoint(model, latest[1])  # the model's weights; the optimizer's are not needed here
-    return model, config
+    return latest[0][0], config
 
 
 def dtype_policy(mixed_precision: str):

@@ -40,7 +40,7 @@ from model import network
 from model.training import data, loop, losses, run_dir
 from model.training.loop import Diverged  # raised by train(); callers catch train.Diverged
 from pipeline.dataset import photometric
-from pipeline.runtime import cli
+from pipeline.runtime import cli, outputs
 
 HISTORY_FIELDS = run_dir.HISTORY_FIELDS
 plot_mace = run_dir.plot_mace
@@ -66,7 +66,7 @@ DEFAULTS = dict(steps=90000, batch_size=64, optimizer="sgd", learning_rate=0.005
                 steps_per_loop=10, shuffle_buffer=10000, dropout=True, batchnorm=True, mixed_precision="none",
                 jit_compile=False, architecture="homographynet", seed=0, train_split="train",
                 val_split="validation", max_checkpoints=3, max_minutes=0.0, reader="auto", reader_workers=0,
-                augment=False, photometric="none")
+                augment=False, photometric="none", photometric_share=1.0)
 
 
 def _check_args(a: dict) -> None:
@@ -94,14 +94,56 @@ def _check_args(a: dict) -> None:
         raise TrainError(str(e)) from e
     if a["photometric"] not in photometric.MODELS:
         raise TrainError(f"unknown --photometric '{a['photometric']}'; known: {', '.join(photometric.MODELS)}")
+    if not 0 < a["photometric_share"] <= 1:
+        raise TrainError(f"--photometric_share must be in (0, 1], got {a['photometric_share']}")
     for flag, on in (("augment", a["augment"]), ("photometric", a["photometric"] != "none")):
         if on and tf_data:
             raise TrainError(f"--{flag} runs on the TensorFlow-free reader: add --reader=records")
 
 
+# Bounds on what one training job may hold in memory (README, "What the commands promise").
+MAX_BATCH_BYTES = 1 << 30     # one replica's batch of float32 inputs: 8,192 pairs of 128 px grayscale
+MAX_SHUFFLE_BYTES = 2 << 30   # the shuffle buffer's records: 65,536 pairs of 128 px grayscale
+
+
+def _check_input(a: dict, train_cfg, replicas: int, init_from: str | None) -> None:
+    """Refuses, before any work, what the data cannot feed or memory cannot hold: a batch larger than the
+    training split or than MAX_BATCH_BYTES, a shuffle buffer over MAX_SHUFFLE_BYTES, a network that cannot
+    take the data's patches, --init_from weights made for another network or other patches."""
+    p, c = train_cfg.patch_size, train_cfg.channels
+    problem = network.input_problem(a["architecture"], p, c)
+    if problem:
+        raise TrainError(f"--architecture={a['architecture']}: {problem}")
+    batch = a["batch_size"] * replicas
+    if batch > train_cfg.num_examples:
+        raise TrainError(f"--batch_size {a['batch_size']} (x {replicas} replicas) is larger than the "
+                         f"{train_cfg.num_examples} pairs of split '{a['train_split']}'")
+    pair_bytes = p * p * c * 2
+    if a["batch_size"] * pair_bytes * 4 > MAX_BATCH_BYTES:
+        raise TrainError(f"--batch_size {a['batch_size']} of {p} px pairs needs more than {MAX_BATCH_BYTES >> 30} GiB "
+                         f"of input a step; at most {MAX_BATCH_BYTES // (pair_bytes * 4)} at this patch size")
+    if a["shuffle_buffer"] * pair_bytes > MAX_SHUFFLE_BYTES:
+        raise TrainError(f"--shuffle_buffer {a['shuffle_buffer']} of {p} px pairs needs more than "
+                         f"{MAX_SHUFFLE_BYTES >> 30} GiB; at most {MAX_SHUFFLE_BYTES // pair_bytes} at this patch size")
+    if init_from:
+        source = _read_config(init_from)
+        theirs = (source.get("architecture"), source.get("patch_size"), source.get("channels"))
+        if theirs != (a["architecture"], p, c):
+            raise TrainError(f"--init_from {init_from} holds a {theirs[0]} network for {theirs[1]} px patches with "
+                             f"{theirs[2]} channel(s); this run trains a {a['architecture']} network on {p} px "
+                             f"patches with {c}")
+
+
+def _read_config(model_dir: str) -> dict | None:
+    try:
+        return network.read_config(model_dir)
+    except network.RunConfigError as e:
+        raise TrainError(str(e)) from None
+
+
 def _check_model_dir(model_dir: str, config: dict) -> None:
     """Refuses to resume a run whose checkpoints were made for another network or input geometry."""
-    old = network.read_config(model_dir)
+    old = _read_config(model_dir)
     if old is None:
         return
     diff = [f"{k}: {old.get(k)!r} there, {config[k]!r} now" for k in STRUCTURE_KEYS if old.get(k) != config[k]]
@@ -120,7 +162,8 @@ def train(data_dir: str, model_dir: str, *, step_hook=None, architecture_options
     kwargs: any key of DEFAULTS. step_hook(step) is called after each execution of steps (tests use it to
     interrupt a run). architecture_options: JSON-able options for network.build (the architecture's own,
     init_from, freeze), recorded in config.json. Raises TrainError / data.DatasetError before any training
-    for bad inputs; RunBusy when another live job holds model_dir; Diverged on a non-finite loss or weights
+    for bad inputs (outputs.OutputError for a model_dir that is a file or cannot be written, also when a
+    write fails later: a full disk); RunBusy when another live job holds model_dir; Diverged on a non-finite loss or weights
     (nothing saved from it); data.DamagedShardError for a damaged shard (a checkpoint of the last completed
     step saved first); KeyboardInterrupt (Ctrl-C, SIGTERM from the CLI) after saving a checkpoint.
     """
@@ -130,8 +173,10 @@ def train(data_dir: str, model_dir: str, *, step_hook=None, architecture_options
         raise TypeError(f"unknown train() arguments: {', '.join(sorted(unknown))}")
     a = {**DEFAULTS, **kwargs}
     _check_args(a)
+    # a file, or a folder that cannot be written (read-only filesystem): one line before any work
+    outputs.check_output_dir(model_dir, must_be_empty=False, flag="model_dir")
     init_from = (architecture_options or {}).get("init_from")
-    if init_from and (network.read_config(init_from) is None
+    if init_from and (_read_config(init_from) is None
                       or not os.path.exists(os.path.join(init_from, network.MODEL_FILE))):
         raise TrainError(f"--init_from {init_from} is not a finished training run (needs {network.CONFIG_FILE} and "
                          f"{network.MODEL_FILE})")
@@ -154,7 +199,9 @@ def train(data_dir: str, model_dir: str, *, step_hook=None, architecture_options
               "jit_compile": True if keras.backend.backend() == "jax" else bool(a["jit_compile"]),
               "architecture_options": dict(architecture_options or {})}
     _check_model_dir(model_dir, config)
-    os.makedirs(model_dir, exist_ok=True)
+    _check_input(a, train_cfg, replicas, init_from)
+    with outputs.writing(model_dir, "create"):
+        os.makedirs(model_dir, exist_ok=True)
     try:
         lock = run_dir.RunLock(model_dir).acquire()
     except run_dir.RunDirBusy as e:
@@ -174,7 +221,7 @@ FLAGS = flags.FLAGS
 
 def _define_flags():
     """Defined when the CLI runs, not at import: other modules (pipeline.build, model.evaluate) use the same names."""
-    flags.DEFINE_string("data_dir", None, "Built dataset (holds dataset_info.json)")
+    flags.DEFINE_string("data_dir", None, "Built dataset (holds homography_index.json)")
     flags.DEFINE_string("model_dir", None, "Run directory: checkpoints, logs, history, final model; reused to resume")
     flags.DEFINE_integer("steps", DEFAULTS["steps"], "Total training steps (the paper: 90,000)")
     flags.DEFINE_integer("batch_size", DEFAULTS["batch_size"], "Batch size per replica (global = this x replicas)")
@@ -199,6 +246,8 @@ def _define_flags():
     flags.DEFINE_bool("no_dropout", False, "Same as --nodropout (the issue's spelling)")
     flags.DEFINE_bool("no_batchnorm", False, "Same as --nobatchnorm (the issue's spelling)")
     flags.DEFINE_enum("mixed_precision", "none", ["none", "bfloat16", "float16"], "Mixed precision (float16 uses loss scaling)")
+    flags.DEFINE_integer("compact_width", 32, "Filters of the compact network's first stage (the others are 2x, "
+                         "4x, 8x it): 32 = 1.2 M parameters, 48 = 2.7 M, 64 = 4.8 M")
     flags.DEFINE_float("bn_momentum", 0.99, "Momentum of batch norm's moving statistics (homographynet); "
                        "0.9 for runs of a few hundred steps")
     flags.DEFINE_bool("jit_compile", False, "XLA-compile the training step on TensorFlow (JAX always compiles it)")
@@ -215,6 +264,8 @@ def _define_flags():
     flags.DEFINE_enum("photometric", "none", list(photometric.MODELS), "Give patch A and patch B of each "
                       "training pair their own fresh camera change (pipeline/dataset/photometric.py: shade, blur, "
                       "exposure, gamma, noise), labels unchanged (needs --reader=records)")
+    flags.DEFINE_float("photometric_share", 1.0, "With --photometric=camera: the share of training pairs (drawn "
+                       "per pair) that get camera changes; the rest stay exact")
     flags.DEFINE_integer("reader_workers", 0, "Processes decoding training shards for the records reader (0: the "
                          "training process itself; a GPU needs several to be fed)")
 
@@ -234,11 +285,18 @@ def main(argv):
     signal.signal(signal.SIGTERM, on_sigterm)
     try:
         options = {"bn_momentum": FLAGS.bn_momentum} if FLAGS.architecture in ("homographynet", "compact") else {}
+        if FLAGS.architecture == "compact" and FLAGS.compact_width != 32:
+            options["width"] = FLAGS.compact_width
         if FLAGS.init_from:  # fine-tuning: the weights of another run (or the shipped ones), layer by layer
             options["init_from"] = os.path.abspath(FLAGS.init_from)
         result = train(FLAGS.data_dir, FLAGS.model_dir, architecture_options=options, **args)
-    except (TrainError, data.DatasetError) as e:  # DamagedShardError is a DatasetError
-        return _fail(str(e))
+    except (TrainError, data.DatasetError, outputs.OutputError, run_dir.CheckpointError) as e:
+        code = _fail(str(e))  # DamagedShardError is a DatasetError; OutputError: a disk full or read-only
+        if run_dir.hdf5_failed():  # HDF5 would crash the process at exit (run_dir.write_or_fail): end it here
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+        return code
     except Diverged as e:
         print(f"model.train: diverged: {e}", file=sys.stderr)
         return 1

@@ -7,7 +7,7 @@ really describes the warp (patch_B(v) = patch_A(H_local v)).
 
 Writes REPORT/audit.json, REPORT/audit.md and PNG plots. Exit status: 0 when every hard check passes
 (counts, ranges, margins, label consistency, leakage), 1 when one fails (named on stderr), 2 on bad
-usage (bad flags, no dataset_info.json).
+usage (bad flags, no homography_index.json).
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 from pipeline.auditing import measure, statistics
 from pipeline.auditing import report as audit_report
 from pipeline.dataset import dataset_info, schema
-from pipeline.runtime import cli, runners
+from pipeline.runtime import cli, outputs, runners
 
 RAW_RESULTS = "audit_raw.json"  # the job's output; the driver turns it into audit.json, then removes it
 
@@ -33,13 +33,14 @@ class AuditError(ValueError):
 
 
 def shard_specs(info: dataset_info.DatasetInfo) -> list:
-    """One spec per shard named in dataset_info.json (the only way shards are found)."""
+    """One spec per shard named in homography_index.json (the only way shards are found). The index was checked
+    when read (pipeline.dataset.index_checks); a split total that disagrees with its shards is not refused
+    here but reported (the split_counts check), as is every count that disagrees with the shards."""
     specs = []
     for split in info.splits:
-        s = info.split(split, allow_empty=True)
-        for i, (path, count) in enumerate(zip(s.shard_files, s.shard_counts)):
-            specs.append({"split": split, "index": i, "file": s.raw["shards"][i]["file"], "path": path,
-                          "expected": count})
+        for i, sh in enumerate(info.raw["splits"][split]["shards"]):
+            specs.append({"split": split, "index": i, "file": sh["file"],
+                          "path": dataset_info.join(info.data_dir, sh["file"]), "expected": sh["num_examples"]})
     return specs
 
 
@@ -109,27 +110,47 @@ def regroup(sections: list) -> dict:
     return out
 
 
-def audit(data_dir: str, output_dir: str, *, residual_threshold: float = 1.0, max_residual_share: float = 0.001,
-          beam_args: list | None = None) -> dict:
-    """Runs the audit job, writes audit.json, audit.md and the plots; returns the report dict."""
+# What an audit writes in its output_dir: what --overwrite replaces there (the rest is left alone).
+REPORT_FILES = ("audit.json", "audit.md", RAW_RESULTS, "offsets-*.png", "positions-*.png", "residuals-*.png",
+                "intensity-*.png")
+
+
+
+def default_residual_threshold(photometric: str) -> float:
+    """1 grey level for exact pairs; for camera pairs the relative residual of auditing.measure."""
+    return measure.CAMERA_RESIDUAL_THRESHOLD if photometric == "camera" else 1.0
+
+
+def audit(data_dir: str, output_dir: str, *, residual_threshold: float | None = None, max_residual_share: float = 0.001,
+          beam_args: list | None = None, overwrite: bool = False) -> dict:
+    """Runs the audit job, writes audit.json, audit.md and the plots; returns the report dict.
+
+    output_dir: a new or empty folder, or (overwrite) one whose earlier report is replaced.
+    residual_threshold None: default_residual_threshold of the build's photometric model."""
+    info = dataset_info.read(data_dir)
+    if residual_threshold is None:
+        residual_threshold = default_residual_threshold(info.config.photometric)
     if not residual_threshold > 0 or not 0 <= max_residual_share < 1:
         raise AuditError(f"--residual_threshold must be > 0 (got {residual_threshold}) and --max_residual_share "
                          f"in [0, 1) (got {max_residual_share})")
-    info = dataset_info.read(data_dir)
     options = PipelineOptions(beam_args or [])
     runners.set_default_runner(options)  # DirectRunner unless named (run on Beam's FnApiRunner, never Prism)
-    if "://" not in output_dir and not FileSystems.exists(output_dir) and not options.view_as(TestOptions).dry_run:
-        FileSystems.mkdirs(output_dir)
+    dry_run = options.view_as(TestOptions).dry_run
+    if not dry_run:  # a file, a non-empty folder, one that cannot be written: refused before anything is touched
+        outputs.check_output_dir(output_dir, overwrite=overwrite)
     started = time.time()
     try:
-        with runners.session(options, worker_paths=[p for p in (data_dir, output_dir) if "://" not in p],
+        with runners.session(options, worker_paths=[p for p in (data_dir, outputs.nearest_existing(output_dir))
+                                                   if "://" not in p],
                              # equal shards, split evenly: 4 tasks a thread balance them; each
                              # CombinePerKey's task shuffle grows with the partitions (DaskRunner)
                              partitions=lambda threads: min(len(shard_specs(info)), 4 * threads)):
+            if not dry_run:  # the cluster is there: an earlier report goes (with overwrite), the folder is made
+                outputs.prepare_output_dir(output_dir, overwrite=overwrite, ours=REPORT_FILES)
             pipeline = beam.Pipeline(runner=runners.pipeline_runner(options), options=options)
             build_pipeline(pipeline, info, output_dir, residual_threshold)
             result = pipeline.run()
-            if options.view_as(TestOptions).dry_run:  # job graph built (and, on Dataflow, checked), nothing ran
+            if dry_run:  # job graph built (and, on Dataflow, checked), nothing ran
                 return {"dry_run": True, "job": getattr(result, "job", None)}
             runners.wait(result)  # and closes a DaskRunner's client
     except runners.RunnerError as e:
@@ -173,11 +194,13 @@ FLAGS = flags.FLAGS
 
 def _define_flags():
     """Defined when the CLI runs, not at import: other modules (pipeline.build) use the same flag names."""
-    flags.DEFINE_string("data_dir", None, "A built dataset (holds dataset_info.json); local or gs://")
+    flags.DEFINE_string("data_dir", None, "A built dataset (holds homography_index.json); local or gs://")
     flags.DEFINE_string("output_dir", None, "Where audit.json, audit.md and the plots go")
-    flags.DEFINE_float("residual_threshold", 1.0,
-                       "A pair whose mean |warp(A, H_local) - B| exceeds this (grey levels) has a wrong label")
+    flags.DEFINE_float("residual_threshold", None,
+                       "A pair whose mean |warp(A, H_local) - B| exceeds this has a wrong label; default 1.0 grey "
+                       f"level, or {measure.CAMERA_RESIDUAL_THRESHOLD} (relative, tone undone) for a camera build")
     flags.DEFINE_float("max_residual_share", 0.001, "Largest share of pairs above the threshold that still passes")
+    flags.DEFINE_bool("overwrite", False, "Replace an earlier audit report in output_dir (else it must be empty)")
 
 
 def main(argv):
@@ -186,8 +209,8 @@ def main(argv):
         return 2
     try:
         report = audit(FLAGS.data_dir, FLAGS.output_dir, residual_threshold=FLAGS.residual_threshold,
-                       max_residual_share=FLAGS.max_residual_share, beam_args=argv[1:])
-    except (AuditError, dataset_info.DatasetError) as e:
+                       max_residual_share=FLAGS.max_residual_share, beam_args=argv[1:], overwrite=FLAGS.overwrite)
+    except (AuditError, dataset_info.DatasetError, outputs.OutputError) as e:
         print(f"pipeline.audit: error: {e}", file=sys.stderr)
         return 2
     if report.get("dry_run"):

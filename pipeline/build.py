@@ -7,7 +7,6 @@
 """
 from __future__ import annotations
 
-import os
 import sys
 import time
 
@@ -19,7 +18,7 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 from pipeline.builder import shards, transforms
 from pipeline.dataset import dataset_info, schema
 from pipeline.dataset.geometry import PairConfig
-from pipeline.runtime import cli, runners
+from pipeline.runtime import cli, outputs, runners
 
 
 
@@ -38,11 +37,16 @@ def parse_splits(text: str) -> dict:
 auto_num_shards = shards.auto_num_shards
 
 
-_OUR_FILES = ("*.tfrecord-*-of-*", "failed_images-*.jsonl", schema.DATASET_INFO + "*")
-
-
 def prepare_output_dir(output_dir: str, overwrite: bool) -> None:
-    """Refuses a non-empty output_dir unless overwrite; then removes the old index first, our files next."""
+    """Refuses an output_dir that cannot take the dataset (pipeline.runtime.outputs: a file, a non-empty
+    folder without overwrite, one that cannot be written); then removes every file a build writes
+    (schema.BUILD_OUTPUTS, the index and TFDS's metadata first), leaving others' files alone."""
+    if not dataset_info.is_remote(output_dir):
+        try:
+            outputs.prepare_output_dir(output_dir, overwrite=overwrite, ours=schema.BUILD_OUTPUTS)
+        except outputs.OutputError as e:
+            raise BuildError(str(e)) from None
+        return
     existing = FileSystems.match([dataset_info.join(output_dir, "*")])[0].metadata_list \
         if FileSystems.exists(output_dir) else []
     if existing and not overwrite:
@@ -50,21 +54,18 @@ def prepare_output_dir(output_dir: str, overwrite: bool) -> None:
         raise BuildError(f"output_dir {output_dir} is not empty ({len(existing)} files: {names}...); "
                          f"pass --overwrite to replace the dataset there")
     if existing:
-        # dataset_info.json goes first: from here on nothing claims a complete dataset.
-        for pattern in _OUR_FILES[::-1]:
+        for pattern in schema.BUILD_OUTPUTS:
             paths = [m.path for m in FileSystems.match([dataset_info.join(output_dir, pattern)])[0].metadata_list]
             if paths:
                 FileSystems.delete(paths)
-    if "://" not in output_dir:
-        FileSystems.mkdirs(output_dir) if not FileSystems.exists(output_dir) else None
 
 
 def build(coco_dir: str, output_dir: str, splits: dict, config: PairConfig, *, num_shards: int = 0,
           max_images: int = 0, overwrite: bool = False, name: str = "homography", reduced_decode: bool = True,
           beam_args: list | None = None) -> dict:
-    """Builds every split in one pipeline; returns the summary (dataset_info.json's content, or the dry run's)."""
+    """Builds every split in one pipeline; returns the summary (the index's content, or the dry run's)."""
     try:
-        listings = shards.list_splits(coco_dir, splits, config, num_shards, max_images)
+        listings = shards.list_splits(coco_dir, splits, config, num_shards, max_images, name)
     except ValueError as e:
         raise BuildError(str(e)) from e
     for split, (records, source, _) in listings.items():
@@ -73,10 +74,15 @@ def build(coco_dir: str, output_dir: str, splits: dict, config: PairConfig, *, n
     options = PipelineOptions(beam_args or [])
     runners.set_default_runner(options)  # DirectRunner unless named (run on Beam's FnApiRunner, never Prism)
     dry_run = options.view_as(TestOptions).dry_run
+    if not dry_run and not dataset_info.is_remote(output_dir):
+        try:  # refused before the job and before anything there is touched (removals come in _run)
+            outputs.check_output_dir(output_dir, overwrite=overwrite)
+        except outputs.OutputError as e:
+            raise BuildError(str(e)) from None
     shard_counts = {split: num_shards or auto_num_shards(len(records), config)
                     for split, (records, _, _) in listings.items()}
     # Workers must see the images and the output folder (or the folder it will be made in); local paths only.
-    seen = [p for p in (coco_dir, _existing_parent(output_dir)) if "://" not in p]
+    seen = [p for p in (coco_dir, outputs.nearest_existing(output_dir)) if "://" not in p]
     try:
         # DaskRunner: one partition per shard, so one task writes one shard and dask balances them.
         with runners.session(options, worker_paths=seen, partitions=max(shard_counts.values())):
@@ -85,18 +91,13 @@ def build(coco_dir: str, output_dir: str, splits: dict, config: PairConfig, *, n
         raise BuildError(str(e)) from e
 
 
-def _existing_parent(path: str) -> str:
-    if "://" in path:
-        return path
-    path = os.path.abspath(path)
-    while not os.path.exists(path) and os.path.dirname(path) != path:
-        path = os.path.dirname(path)
-    return path
-
-
 def _run(listings, shard_counts, output_dir, config, name, reduced_decode, overwrite, options, dry_run) -> dict:
     if not dry_run:
         prepare_output_dir(output_dir, overwrite)
+        try:
+            shards.require_room(output_dir, listings, config)
+        except outputs.OutputError as e:
+            raise BuildError(str(e)) from None
     started = time.time()
     header = shards.header(config, name, str(options.view_as(StandardOptions).runner), sys.argv, reduced_decode,
                            time.strftime("%Y-%m-%dT%H:%M:%S%z"))
@@ -119,13 +120,19 @@ def _run(listings, shard_counts, output_dir, config, name, reduced_decode, overw
         return {"dry_run": True, "job": getattr(result, "job", None), "pipeline": pipeline}
     runners.wait(result)  # and closes a DaskRunner's client
     info = dataset_info.read(output_dir).raw
+    failed = shards.no_images_used(info["splits"], output_dir)
+    if failed:  # no index claims a dataset; the shards (empty) and failed_images-*.jsonl stay to look at
+        FileSystems.delete([p for p in (dataset_info.join(output_dir, name) for name in
+                                         (schema.INDEX, schema.TFDS_DATASET_INFO, schema.TFDS_FEATURES))
+                            if FileSystems.exists(p)])
+        raise BuildError(failed)
     info["build"]["seconds"] = round(time.time() - started, 1)
     counters = runners.counters(result, transforms.NAMESPACE)
     if counters is None:
         info["build"]["metrics_unavailable"] = f"{type(result).__name__} collects no Beam metrics"
     else:
         info["build"]["metrics"] = counters
-    dataset_info.write(output_dir, info)
+    shards.write_metadata(output_dir, info)  # the index with the metrics, TFDS's files (the same bytes) after it
     return info
 
 
@@ -142,7 +149,8 @@ def summary_text(info: dict, output_dir: str) -> str:
         total = sum(s["num_examples"] for s in info["splits"].values())
         lines.append(f"  built in {info['build']['seconds']} s ({total / max(info['build']['seconds'], 1e-9):.0f} pairs/s) "
                      f"with {info['build']['runner']}")
-    lines.append(f"  index: {dataset_info.join(output_dir, schema.DATASET_INFO)}")
+    lines.append(f"  index: {dataset_info.join(output_dir, schema.INDEX)}; TFDS: tfds.builder_from_directory"
+                 f"({output_dir!r}) ({schema.TFDS_DATASET_INFO}, {schema.TFDS_FEATURES})")
     return "\n".join(lines)
 
 
@@ -152,7 +160,8 @@ FLAGS = flags.FLAGS
 def _define_flags():
     """Defined when the CLI runs, not at import: other commands import build() and define their own flags."""
     cli.define_dataset_flags("COCO 2017 root (images in <split>/, annotations/ beside); local or gs://",
-                             "Where the shards, failed_images-*.jsonl and dataset_info.json go")
+                             f"Where the shards, failed_images-*.jsonl, {schema.INDEX} and TFDS's "
+                             f"{schema.TFDS_DATASET_INFO} and {schema.TFDS_FEATURES} go")
 
 
 def main(argv):
@@ -165,6 +174,10 @@ def main(argv):
                      name=FLAGS.dataset_name, reduced_decode=FLAGS.reduced_decode, beam_args=argv[1:])
     except (BuildError, dataset_info.DatasetError) as e:
         return cli.fail("pipeline.build", str(e))
+    except Exception as e:  # a disk that filled up (or went read-only) while the workers wrote shards
+        if outputs.write_failure(e) is None:
+            raise
+        return cli.fail("pipeline.build", outputs.dataset_write_failure(FLAGS.output_dir, e))
     if info.get("dry_run"):
         print("dry run: job graph built, nothing submitted")
         return 0

@@ -5,13 +5,13 @@
 
 For a machine that has numpy, OpenCV and protobuf but not Apache Beam (a bare GPU box, a laptop that only
 needs a small build): every shard is written by pipeline.builder.shards.write_shard, as pipeline.build's Beam step
-writes it, so the records, their order, the shard names and dataset_info.json's counts are the same as
+writes it, so the records, their order, the shard names and the index's counts are the same as
 pipeline.build's for the same flags (tests/test_gpu_recipe.py compares them). Local folders only; use
-pipeline.build for gs:// or a cluster. dataset_info.json is written last, atomically, as there.
+pipeline.build for gs:// or a cluster. The index (homography_index.json) and TFDS's dataset_info.json and
+features.json are written last, atomically, as there.
 """
 from __future__ import annotations
 
-import glob
 import multiprocessing
 import os
 import sys
@@ -20,26 +20,20 @@ import time
 from pipeline.builder import shards
 from pipeline.dataset import dataset_info, schema
 from pipeline.dataset.geometry import PairConfig
-
-# Files of ours that --overwrite may remove (the index first: from then on nothing claims a complete dataset).
-_OUR_FILES = (schema.DATASET_INFO + "*", "failed_images-*.jsonl", "*.tfrecord-*-of-*")
-
+from pipeline.runtime import outputs
 
 class LocalBuildError(ValueError):
     """A build that must not start; the message names the problem."""
 
 
-def _prepare_output_dir(output_dir: str, overwrite: bool) -> None:
+def _prepare_output_dir(output_dir: str, overwrite: bool, listings: dict, config: PairConfig) -> None:
     if dataset_info.is_remote(output_dir):
         raise LocalBuildError(f"the local builder writes local folders only, not {output_dir}: use pipeline.build")
-    existing = os.listdir(output_dir) if os.path.isdir(output_dir) else []
-    if existing and not overwrite:
-        raise LocalBuildError(f"output_dir {output_dir} is not empty ({len(existing)} files: "
-                              f"{', '.join(sorted(existing)[:5])}...); pass --overwrite to replace the dataset there")
-    for pattern in _OUR_FILES:
-        for path in glob.glob(os.path.join(output_dir, pattern)):
-            os.remove(path)
-    os.makedirs(output_dir, exist_ok=True)
+    try:  # a file, a non-empty folder without overwrite, a folder that cannot be written: one line
+        outputs.prepare_output_dir(output_dir, overwrite=overwrite, ours=schema.BUILD_OUTPUTS)
+        shards.require_room(output_dir, listings, config)
+    except outputs.OutputError as e:
+        raise LocalBuildError(str(e)) from None
 
 
 def _write_one(task) -> tuple[dict, list]:
@@ -60,14 +54,14 @@ def _init_worker():
 def build(coco_dir: str, output_dir: str, splits: dict, config: PairConfig, *, num_shards: int = 0,
           max_images: int = 0, overwrite: bool = False, name: str = "homography", reduced_decode: bool = True,
           workers: int = 0, log=print) -> dict:
-    """Builds every split; returns dataset_info.json's content. workers: processes (0 = one per core)."""
+    """Builds every split; returns the index's content. workers: processes (0 = one per core)."""
     if workers < 0:
         raise LocalBuildError("--workers must be >= 0")
     try:
-        listings = shards.list_splits(coco_dir, splits, config, num_shards, max_images)
+        listings = shards.list_splits(coco_dir, splits, config, num_shards, max_images, name)
     except ValueError as e:
         raise LocalBuildError(str(e)) from e
-    _prepare_output_dir(output_dir, overwrite)
+    _prepare_output_dir(output_dir, overwrite, listings, config)
     workers = workers or os.cpu_count() or 1
     started, t0 = time.strftime("%Y-%m-%dT%H:%M:%S%z"), time.time()
     raw = shards.header(config, name, f"local ({workers} processes)", sys.argv, reduced_decode, started)
@@ -96,9 +90,12 @@ def build(coco_dir: str, output_dir: str, splits: dict, config: PairConfig, *, n
             with open(os.path.join(output_dir, schema.failed_images_file(split)), "wb") as f:
                 f.write(shards.failed_lines(failed))
             raw["splits"][split] = summary
+    failed = shards.no_images_used(raw["splits"], output_dir)
+    if failed:  # no index; the shards (empty) and failed_images-*.jsonl stay to look at
+        raise LocalBuildError(failed)
     raw["build"]["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     raw["build"]["seconds"] = round(time.time() - t0, 1)
-    dataset_info.write(output_dir, raw)
+    shards.write_metadata(output_dir, raw)
     return raw
 
 
@@ -108,7 +105,8 @@ def _define_flags():
     from pipeline.runtime import cli
 
     cli.define_dataset_flags("COCO 2017 root (images in <split>/, annotations/ beside); local",
-                             "Local folder for the shards, failed_images-*.jsonl and dataset_info.json")
+                             f"Local folder for the shards, failed_images-*.jsonl, {schema.INDEX} and TFDS's "
+                             f"{schema.TFDS_DATASET_INFO} and {schema.TFDS_FEATURES}")
     flags.DEFINE_integer("workers", 0, "Worker processes; 0 = one per core")
 
 
@@ -135,11 +133,15 @@ def main(argv):
                      reduced_decode=f.reduced_decode, workers=f.workers)
     except (LocalBuildError, dataset_info.DatasetError) as e:
         return cli.fail("pipeline.local_build", str(e))
+    except OSError as e:  # a disk that filled up (or went read-only) while shards were written
+        if outputs.write_failure(e) is None:
+            raise
+        return cli.fail("pipeline.local_build", outputs.dataset_write_failure(f.output_dir, e))
     total = sum(s["num_examples"] for s in info["splits"].values())
     per_split = ", ".join(f"{k} {v['num_examples']}" for k, v in info["splits"].items())
     print(f"built {total} pairs ({per_split}) in "
           f"{info['build']['seconds']} s with {info['build']['runner']}; index: "
-          f"{os.path.join(f.output_dir, schema.DATASET_INFO)}")
+          f"{os.path.join(f.output_dir, schema.INDEX)}; TFDS: tfds.builder_from_directory({f.output_dir!r})")
     return 0
 
 

@@ -2,7 +2,7 @@
 
   python -m pipeline.records --data_dir=OUT [--split=train,validation] [--workers=N]
 
-reads every record of the splits (CRCs, record counts against dataset_info.json, schema) and prints the rate.
+reads every record of the splits (CRCs, record counts against homography_index.json, schema) and prints the rate.
 
 Needs only numpy, protobuf and google-crc32c (no TensorFlow, no Beam, no OpenCV), so PyTorch, JAX and
 plain-numpy users read the shards where TensorFlow is not installed:
@@ -16,7 +16,7 @@ plain-numpy users read the shards where TensorFlow is not installed:
 The code lives in pipeline/reader/: framing.py (TFRecord framing, every CRC checked: damage raises
 CorruptShardError with the shard and the byte offset, never garbage; record decoding) and batching.py
 (the batching, shuffling reader, in-process or in worker processes). Shards are found only through
-dataset_info.json, and each shard's record count is checked against it.
+homography_index.json, and each shard's record count is checked against it.
 
 Adapters for Keras 3 (any backend) and PyTorch: pipeline.reader.keras_dataset, pipeline.reader.torch_dataset.
 """
@@ -48,8 +48,8 @@ def check_split(data_dir: str, split: str, workers: int = 0) -> dict:
 def _define_flags():
     from absl import flags
 
-    flags.DEFINE_string("data_dir", None, "A built dataset (the folder holding dataset_info.json)", required=True)
-    flags.DEFINE_list("split", None, "Splits to read (default: every split in dataset_info.json)")
+    flags.DEFINE_string("data_dir", None, "A built dataset (the folder holding homography_index.json)", required=True)
+    flags.DEFINE_list("split", None, "Splits to read (default: every split in homography_index.json)")
     flags.DEFINE_integer("workers", 0, "Worker processes that read and decode shards")
 
 

@@ -87,3 +87,28 @@ def tiny_dataset(tmp_path_factory, coco_mini):
           PairConfig(patch_size=32, rho=8, image_width=80, image_height=60, patches_per_image=4),
           max_images=8, num_shards=2, beam_args=["--runner=DirectRunner"])
     return out
+
+
+@pytest.fixture
+def small_fs(tmp_path):
+    """make(size, read_only=False) -> a folder on a tmpfs of that size (a disk that fills up, or a read-only
+    filesystem), unmounted after the test. Needs the right to mount (root here); skipped without it."""
+    import subprocess
+
+    mounted = []
+
+    def make(size="4m", read_only=False, name="fs"):
+        folder = tmp_path / name
+        folder.mkdir()
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+                              capture_output=True, text=True)
+        if done.returncode:
+            pytest.skip(f"cannot mount a small filesystem here: {done.stderr.strip()}")
+        mounted.append(folder)
+        if read_only:
+            subprocess.run(["mount", "-o", "remount,ro", str(folder)], check=True)
+        return folder
+
+    yield make
+    for folder in mounted:
+        subprocess.run(["umount", "-l", str(folder)], capture_output=True)

@@ -44,7 +44,7 @@ def rewrite_shard(data_dir, split, index, change):
         for i, r in enumerate(records):
             r = change(i, dict(r))
             w.write(schema.encode(r["patch_a"], r["patch_b"], r["offsets"], r["corners"], r["image_id"],
-                                  r["patch_index"]))
+                                  r["patch_index"], r.get(schema.PHOTOMETRIC_A), r.get(schema.PHOTOMETRIC_B)))
 
 
 def run_audit(data_dir, tmp_path, **kw):
@@ -266,7 +266,7 @@ def test_image_id_in_two_splits_is_leakage(built_dataset, tmp_path):
 
 
 def test_cli_usage_errors_exit_2_without_traceback(tmp_path):
-    cases = [[f"--data_dir={tmp_path}", f"--output_dir={tmp_path / 'r'}"],          # no dataset_info.json
+    cases = [[f"--data_dir={tmp_path}", f"--output_dir={tmp_path / 'r'}"],          # no homography_index.json
              [f"--data_dir={tmp_path}", f"--output_dir={tmp_path / 'r'}", "--residual_threshold=abc"],
              [f"--output_dir={tmp_path / 'r'}"]]
     stderr = []
@@ -276,7 +276,7 @@ def test_cli_usage_errors_exit_2_without_traceback(tmp_path):
         assert proc.returncode == 2, (args, proc.stderr[-2000:])
         assert "Traceback" not in proc.stderr and "pipeline.audit: error:" in proc.stderr
         stderr.append(proc.stderr)
-    assert "no dataset_info.json" in stderr[0] and "residual_threshold" in stderr[1] and "--data_dir" in stderr[2]
+    assert "no homography_index.json" in stderr[0] and "residual_threshold" in stderr[1] and "--data_dir" in stderr[2]
 
 
 def test_dataflow_job_graph_builds(built_dataset, tmp_path):

@@ -1,4 +1,4 @@
-"""The Beam builder end to end: counts, dataset_info.json, bad inputs, refusals, determinism, Dataflow graph."""
+"""The Beam builder end to end: counts, homography_index.json, bad inputs, refusals, determinism, Dataflow graph."""
 import io
 import json
 import os
@@ -199,11 +199,12 @@ def test_non_empty_output_dir_is_refused_unless_overwrite(synthetic_coco, tmp_pa
     assert (out / "notes.txt").read_text() == "mine"  # files that are not ours are left alone
 
 
-def test_a_build_that_dies_leaves_no_dataset_info(synthetic_coco, tmp_path, monkeypatch):
+def test_a_build_that_dies_leaves_no_index_and_no_tfds_metadata(synthetic_coco, tmp_path, monkeypatch):
     out = tmp_path / "ds"
     args = (synthetic_coco, str(out), {"validation": "val2017"}, PairConfig(patches_per_image=1))
     build(*args, beam_args=DIRECT)
-    assert (out / schema.DATASET_INFO).exists()
+    metadata = (schema.INDEX, schema.TFDS_DATASET_INFO, schema.TFDS_FEATURES)
+    assert all((out / name).exists() for name in metadata)
 
     from pipeline.dataset import geometry
 
@@ -212,7 +213,7 @@ def test_a_build_that_dies_leaves_no_dataset_info(synthetic_coco, tmp_path, monk
     monkeypatch.setattr(geometry, "generate_pairs", explode)
     with pytest.raises(Exception, match="worker died"):
         build(*args, overwrite=True, beam_args=DIRECT)
-    assert not (out / schema.DATASET_INFO).exists()
+    assert not any((out / name).exists() for name in metadata)
 
 
 def test_same_records_byte_for_byte_whatever_the_runner_mode(coco_mini, tmp_path):

@@ -30,7 +30,7 @@ DASK_BIN = os.path.join(os.path.dirname(sys.executable), "dask")
 
 
 def shard_records(data_dir):
-    """{shard file: [serialised records]} of every shard dataset_info.json lists."""
+    """{shard file: [serialised records]} of every shard homography_index.json lists."""
     info = dataset_info.read(data_dir)
     out = {}
     for split in info.splits:
@@ -163,7 +163,7 @@ def test_cli_build_on_separate_scheduler_and_worker_processes_with_bad_inputs(cl
 @pytest.mark.parametrize("retries", [3, 0])
 def test_worker_killed_mid_build_is_redone_or_fails_cleanly(retries, coco_mini, tmp_path):
     """Dask's default (3 retries): the dead worker's tasks are redone elsewhere, records byte-identical.
-    No retries allowed: the build fails with one line and no dataset_info.json."""
+    No retries allowed: the build fails with one line and no homography_index.json."""
     kw = dict(splits={"train": "train2017"}, config=PairConfig(patches_per_image=20), max_images=48, num_shards=4)
     if retries:
         build(coco_mini, str(tmp_path / "direct"), beam_args=DIRECT, **kw)
@@ -200,7 +200,7 @@ def test_worker_killed_mid_build_is_redone_or_fails_cleanly(retries, coco_mini, 
         assert info["splits"]["train"]["num_examples"] == 960
         assert_same_dataset(str(tmp_path / "direct"), str(out))
     else:
-        assert not (out / schema.DATASET_INFO).exists()
+        assert not (out / schema.INDEX).exists()
 
 
 @pytest.mark.parametrize("module", ["pipeline.build", "pipeline.audit"])

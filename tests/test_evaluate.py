@@ -96,7 +96,7 @@ def assert_clean_error(proc, module, *needles):
 
 def test_cli_errors_for_bad_data(built_dataset, tmp_path):
     proc = run_cli("model.evaluate", f"--data_dir={tmp_path}", f"--output_dir={tmp_path}/r")
-    assert_clean_error(proc, "model.evaluate", "dataset_info.json")
+    assert_clean_error(proc, "model.evaluate", "homography_index.json")
     proc = run_cli("model.evaluate", f"--data_dir={built_dataset}", "--split=test", f"--output_dir={tmp_path}/r")
     assert_clean_error(proc, "model.evaluate", "split 'test'")
     empty = tmp_path / "run"

@@ -196,3 +196,19 @@ def test_architecture_option_puts_the_compact_network_in_the_homographynet_varia
     model, _ = network.load(experiments.run_dir(s, "no_batchnorm"))
     assert row["parameters"] == model.count_params() == network.build_compact(32, batchnorm=False).count_params()
     assert "--architecture=compact" in open(os.path.join(s.output_dir, experiments.REPORT_MD)).read()
+
+
+def test_a_dataset_from_before_the_index_moved_is_rebuilt(sweep):
+    from pipeline.dataset import dataset_info, schema
+
+    s, _ = sweep
+    data = os.path.join(s.output_dir, "data", experiments.dataset_name(8, 1))
+    raw = dataset_info.read(data).raw
+    os.remove(os.path.join(data, schema.INDEX))  # what a build from before issue 23 left: the index under TFDS's name
+    os.remove(os.path.join(data, schema.TFDS_FEATURES))
+    with open(os.path.join(data, schema.TFDS_DATASET_INFO), "w") as f:
+        json.dump({**raw, "format_version": 1}, f)
+    n = len(_log(s))
+    assert experiments.ensure_dataset(s, 8, 1) == data
+    assert [e["what"] for e in _log(s)[n:] if e["event"] == "build"] == [f"dataset {experiments.dataset_name(8, 1)}"]
+    assert dataset_info.read(data).raw["splits"] == raw["splits"]

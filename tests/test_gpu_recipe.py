@@ -33,7 +33,7 @@ def run_blocked(code: str, **env):
 
 
 def shard_bytes(data_dir):
-    info = json.loads((pathlib.Path(data_dir) / "dataset_info.json").read_text())
+    info = json.loads((pathlib.Path(data_dir) / "homography_index.json").read_text())
     return {sh["file"]: (pathlib.Path(data_dir) / sh["file"]).read_bytes()
             for s in info["splits"].values() for sh in s["shards"]}, info
 

@@ -10,7 +10,7 @@ from pipeline.dataset import dataset_info, schema
 
 
 def raw_records(data_dir, split):
-    """The split's records in dataset_info.json order, decoded with the schema's numpy decoder."""
+    """The split's records in homography_index.json order, decoded with the schema's numpy decoder."""
     info = dataset_info.read(data_dir)
     files = info.split(split).shard_files
     c = info.config
@@ -78,12 +78,12 @@ def test_normalize_numpy_and_tf_agree():
 def copy_index(built_dataset, tmp_path, edit):
     raw = dataset_info.read(built_dataset).raw
     edit(raw)
-    (tmp_path / schema.DATASET_INFO).write_text(json.dumps(raw))
+    (tmp_path / schema.INDEX).write_text(json.dumps(raw))
     return str(tmp_path)
 
 
 def test_clear_errors(built_dataset, tmp_path):
-    with pytest.raises(data.DatasetError, match="no dataset_info.json"):
+    with pytest.raises(data.DatasetError, match="no homography_index.json"):
         data.make_dataset(str(tmp_path), "train", 8, training=True)
     with pytest.raises(data.DatasetError, match="split 'test' is not in"):
         data.make_dataset(built_dataset, "test", 8, training=False)

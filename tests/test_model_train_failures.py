@@ -28,7 +28,7 @@ def tiny(tiny_dataset):
 
 
 def shard_of(data_dir, split="train", index=0):
-    info = json.load(open(os.path.join(data_dir, "dataset_info.json")))
+    info = json.load(open(os.path.join(data_dir, "homography_index.json")))
     return os.path.join(data_dir, info["splits"][split]["shards"][index]["file"])
 
 

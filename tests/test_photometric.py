@@ -134,3 +134,14 @@ def test_training_stream_changes_both_patches_and_keeps_labels(tiny_dataset):
     for key in (schema.PATCH_A, schema.PATCH_B):
         assert seen[key].shape == batch[key].shape
         assert all(not np.array_equal(s, b) for s, b in zip(seen[key], batch[key]))
+
+
+def test_training_stream_share_leaves_the_other_pairs_exact(tiny_dataset):
+    from model.training import data
+    from pipeline.dataset import schema
+
+    batch = next(iter(data.parsed_batches(tiny_dataset, "train", 32, "records")))
+    seen = next(data.camera_views(iter([batch]), seed=3, share=0.5))
+    same = [np.array_equal(s, b) for s, b in zip(seen[schema.PATCH_A], batch[schema.PATCH_A])]
+    same_b = [np.array_equal(s, b) for s, b in zip(seen[schema.PATCH_B], batch[schema.PATCH_B])]
+    assert same == same_b and 6 <= sum(same) <= 26  # whole pairs, about half of 32

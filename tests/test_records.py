@@ -33,7 +33,7 @@ def mini_build(tmp_path_factory, coco_mini):
 
 
 def _shards(data_dir, split):
-    with open(os.path.join(data_dir, "dataset_info.json")) as f:
+    with open(os.path.join(data_dir, "homography_index.json")) as f:
         info = json.load(f)
     return [(os.path.join(data_dir, s["file"]), s["num_examples"]) for s in info["splits"][split]["shards"]]
 
@@ -220,7 +220,7 @@ def test_corrupt_and_truncated_shards_name_shard_and_offset(mini_build, tmp_path
 
 
 def test_bad_datasets_raise_one_clear_error(mini_build, tmp_path):
-    with pytest.raises(DatasetError, match="no dataset_info.json in"):
+    with pytest.raises(DatasetError, match="no homography_index.json in"):
         records.batches(str(tmp_path / "nowhere"), "train", 8)
     ds = _copy_dataset(mini_build, tmp_path / "ds")
     path, count = _shards(ds, "train")[0]
@@ -233,7 +233,7 @@ def test_bad_datasets_raise_one_clear_error(mini_build, tmp_path):
     with open(path, "wb") as f:
         for r in kept:
             records.write_record(f, r)  # a valid shard, three records short of its index entry
-    with pytest.raises(DatasetError, match=f"{path} holds {count - 3} records but dataset_info.json lists {count}"):
+    with pytest.raises(DatasetError, match=f"{path} holds {count - 3} records but homography_index.json lists {count}"):
         list(records.batches(ds2, "train", 8))
     with pytest.raises(DatasetError, match="does not fit the schema"):
         records.decode_batch([kept[0]], 64, 1)  # a reader told the wrong patch size
@@ -262,8 +262,8 @@ def test_cli_checks_a_dataset_and_fails_in_one_line(mini_build, tmp_path):
     damaged = _shards(broken, "train")[2][0]
     with open(damaged, "r+b") as f:
         f.truncate(os.path.getsize(damaged) - 10)
-    for data_dir, named in ((tmp_path / "nothing", "dataset_info.json"), (absent, gone),
-                            (short, f"{cut} holds {count - 1} records but dataset_info.json lists {count}"),
+    for data_dir, named in ((tmp_path / "nothing", "homography_index.json"), (absent, gone),
+                            (short, f"{cut} holds {count - 1} records but homography_index.json lists {count}"),
                             (broken, damaged)):
         bad = run(data_dir)
         assert bad.returncode == 2, bad.stdout + bad.stderr

@@ -1,4 +1,4 @@
-"""Input pipeline: built shards (found through dataset_info.json) -> batches for HomographyNet.
+"""Input pipeline: built shards (found through homography_index.json) -> batches for HomographyNet.
 
 Training and evaluation read through here, so there is one normalisation and one label scale:
   inputs = normalize(patch_a, patch_b): the two uint8 patches stacked on channels, x / 127.5 - 1,
@@ -31,7 +31,7 @@ __all__ = ["DatasetError", "DamagedShardError", "DataConfig", "dataset_config", 
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-    """What a reader needs to know about a split: geometry from dataset_info.json and its shards."""
+    """What a reader needs to know about a split: geometry from homography_index.json and its shards."""
 
     patch_size: int
     channels: int
@@ -41,17 +41,17 @@ class DataConfig:
     split: str
     num_examples: int
     shard_files: tuple
-    shard_counts: tuple = ()  # records per shard, as dataset_info.json lists them
+    shard_counts: tuple = ()  # records per shard, as homography_index.json lists them
 
 
 def dataset_config(data_dir: str, split: str) -> DataConfig:
-    """Reads dataset_info.json; raises DatasetError for a missing index, unknown/empty split, lost shards."""
+    """Reads homography_index.json; raises DatasetError for a missing index, unknown/empty split, lost shards."""
     info = dataset_info.read(data_dir)
     s = info.split(split)  # DatasetError on an unknown or empty split
     missing = [f for f in s.shard_files if not _exists(f)]
     if missing:
         raise DatasetError(f"split '{split}' of {data_dir}: {len(missing)} shard file(s) listed in "
-                           f"{schema.DATASET_INFO} are missing, e.g. {missing[0]}")
+                           f"{schema.INDEX} are missing, e.g. {missing[0]}")
     c = info.config
     return DataConfig(c.patch_size, c.channels, c.rho, c.image_width, c.image_height, split,
                       s.num_examples, tuple(s.shard_files), tuple(s.shard_counts))
@@ -117,12 +117,18 @@ def _to_model_io(config: DataConfig, static_batch: int | None):
 def _records(config: DataConfig, training: bool, seed):
     import tensorflow as tf
 
+    from pipeline.reader import verify
+
+    # Before tf.data reads a byte: each shard's record headers against the index's geometry and counts (a
+    # record of another patch size, or a header claiming 1 TiB that TFRecordDataset would allocate).
+    verify.check_frames(zip(config.shard_files, config.shard_counts), config.patch_size, config.channels,
+                        size_of=lambda path: tf.io.gfile.stat(path).length)
     files = tf.data.Dataset.from_tensor_slices((list(config.shard_files),
                                                 tf.constant(list(config.shard_counts), tf.int64)))
 
     def read(path, count):
         # TFRecordDataset ends a shard silently where it was cut inside a record header; the count from
-        # dataset_info.json turns that into an error (FailedPrecondition "expected to contain N elements").
+        # homography_index.json turns that into an error (FailedPrecondition "expected to contain N elements").
         return tf.data.TFRecordDataset(path).apply(tf.data.experimental.assert_cardinality(count))
 
     if not training:
@@ -141,7 +147,7 @@ def make_dataset(data_dir: str, split: str, batch_size: int, *, training: bool, 
 
     training=True: shards interleaved in parallel (non-deterministic), shuffled, repeated forever and
     full batches only (unless repeat / drop_remainder say otherwise). training=False: one pass in
-    the order of dataset_info.json, last batch kept. Records are parsed a whole batch at a time.
+    the order of homography_index.json, last batch kept. Records are parsed a whole batch at a time.
     """
     import tensorflow as tf
 
@@ -187,7 +193,8 @@ class DamagedShardError(DatasetError):
         self.path, self.offset, self.detail = path, offset, detail
         audit = f"python -m pipeline.audit --data_dir={data_dir} --output_dir=AUDIT_DIR" if data_dir else \
             "python -m pipeline.audit"
-        where = f"shard {path} is damaged at byte {offset}" if path else "a shard is damaged"
+        where = (f"shard {path} is damaged" + (f" at byte {offset}" if offset is not None else "")) if path \
+            else "a shard is damaged"
         super().__init__(f"{where} ({detail}); {note + '; ' if note else ''}check the dataset with `{audit}` "
                          f"and rebuild it")
 
@@ -212,31 +219,34 @@ def uses_tf_data(reader: str = "auto") -> bool:
 def damaged_shard(error: BaseException, data_dir: str, split: str):
     """The DamagedShardError behind a reader's error, or None when the error is not about damaged data.
 
-    The reader's CorruptShardError carries the shard and offset. tf.data's DataLossError ("truncated
-    record at N", "corrupted record at N") names neither, so the split's shards are scanned with the
-    CRC-checking reader to find the damage."""
-    from pipeline.reader import framing
+    The reader's CorruptShardError carries the shard and offset. tf.data's errors name neither: a
+    DataLossError ("truncated record at N", "corrupted record at N"), a count that is not the index's
+    ("expected to contain N elements"), a record of another patch size (parse_batch's shape check), or the
+    reader's errors re-raised from inside a generator; the split's shards are then read as the reader
+    reads them to find the shard (pipeline.reader.verify.find_damage)."""
+    from pipeline.reader import framing, verify
 
     if isinstance(error, DamagedShardError):
         return error
     if isinstance(error, framing.CorruptShardError):
         return DamagedShardError(error.path, error.offset, error.problem, data_dir)
     tf = sys.modules.get("tensorflow")
-    if tf is None or not (isinstance(error, tf.errors.DataLossError) or _READER_ERROR in str(error)
-                          or (isinstance(error, tf.errors.FailedPreconditionError)
-                              and "expected to contain" in str(error))):
+    text = str(error)
+    lost = tf is not None and (isinstance(error, tf.errors.DataLossError) or (
+        isinstance(error, tf.errors.FailedPreconditionError) and "expected to contain" in text))
+    misfit = tf is not None and isinstance(error, tf.errors.InvalidArgumentError) and any(
+        m in text for m in _MISFIT)
+    if not (lost or misfit or any(m in text for m in _READER_ERRORS)):
         return None
     config = dataset_config(data_dir, split)
-    for path in config.shard_files:
-        try:
-            for _ in framing.iter_records(path):
-                pass
-        except framing.CorruptShardError as e:
-            return DamagedShardError(e.path, e.offset, e.problem, data_dir)
-    return DamagedShardError(None, None, f"split '{split}': {_first_line(error)}", data_dir)
+    found = verify.find_damage(zip(config.shard_files, config.shard_counts), config.patch_size, config.channels)
+    if found:
+        return DamagedShardError(*found, data_dir)
+    return None if misfit else DamagedShardError(None, None, f"split '{split}': {_first_line(error)}", data_dir)
 
 
-_READER_ERROR = "CorruptShardError"  # the reader's error, as TF reports it from inside a generator
+_READER_ERRORS = ("CorruptShardError", "DatasetError")  # the reader's errors, as TF reports them from a generator
+_MISFIT = ("DecodeRaw", "is not compatible with expected shape")  # records of another size than the index's
 
 
 def _first_line(error: BaseException) -> str:
@@ -263,19 +273,26 @@ def augment_views(batches, seed: int | None = None):
                          schema.OFFSETS: offsets.reshape(-1, 8)})
 
 
-def camera_views(batches, seed: int | None = None):
-    """Parsed batches with patch A and patch B each through its own fresh draw of the camera model
-    (pipeline.dataset.photometric), labels unchanged: two shots of one scene, not two copies."""
+def camera_views(batches, seed: int | None = None, share: float = 1.0):
+    """Parsed batches with patch A and patch B of a `share` of the pairs (drawn per pair) each through its own
+    fresh draw of the camera model (pipeline.dataset.photometric), labels unchanged: two shots of one scene,
+    not two copies. The other pairs stay exact, so the network keeps learning pairs without a change too."""
     from pipeline.dataset import photometric
 
     rng = np.random.default_rng(None if seed is None else [seed, 1])
     for b in batches:
-        yield dict(b, **{schema.PATCH_A: photometric.apply_batch(b[schema.PATCH_A], rng),
-                         schema.PATCH_B: photometric.apply_batch(b[schema.PATCH_B], rng)})
+        pick = rng.random(len(b[schema.PATCH_A])) < share
+        out = {}
+        for key in (schema.PATCH_A, schema.PATCH_B):
+            out[key] = b[key].copy()
+            if pick.any():
+                out[key][pick] = photometric.apply_batch(b[key][pick], rng)
+        yield dict(b, **out)
 
 
 def train_batches(data_dir: str, split: str, batch_size: int, *, shuffle_buffer: int = 10000, seed: int | None = None,
-                  reader: str = "auto", workers: int = 0, augment: bool = False, photometric: str = "none"):
+                  reader: str = "auto", workers: int = 0, augment: bool = False, photometric: str = "none",
+                  photometric_share: float = 1.0):
     """Endless, shuffled, full (inputs, labels) batches for Keras's fit: a tf.data.Dataset (uses_tf_data())
     or a generator of numpy batches from the TensorFlow-free reader (same normalisation and labels), its
     shards decoded in `workers` processes (0: in this one). That reader only: augment (augment_views) and
@@ -292,7 +309,7 @@ def train_batches(data_dir: str, split: str, batch_size: int, *, shuffle_buffer:
     if augment:
         stream = augment_views(stream, seed)
     if photometric == "camera":
-        stream = camera_views(stream, seed)
+        stream = camera_views(stream, seed, photometric_share)
     return (_xy(b, config.rho) for b in stream)
 
 
@@ -353,7 +370,7 @@ def _cli():
 
     from absl import app, flags
 
-    flags.DEFINE_string("data_dir", None, "Built dataset (holds dataset_info.json)")
+    flags.DEFINE_string("data_dir", None, "Built dataset (holds homography_index.json)")
     flags.DEFINE_string("split", "train", "Split to read")
     flags.DEFINE_integer("batch_size", 64, "Pairs per batch")
     flags.DEFINE_integer("batches", 200, "Batches timed (after 20 warm-up batches)")

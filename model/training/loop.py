@@ -16,6 +16,7 @@ from absl import logging
 
 from model import network
 from model.training import callbacks, data, losses, run_dir
+from pipeline.runtime import outputs
 
 
 class Diverged(RuntimeError):
@@ -83,13 +84,18 @@ def fit(data_dir: str, model_dir: str, a: dict, config: dict, started: float, st
     """Trains the run that model.train.train checked and locked: resumes from the latest checkpoint,
     fits to a["steps"], saves the final model; returns train()'s summary dict. Raises Diverged,
     data.DamagedShardError (a checkpoint first) or KeyboardInterrupt (a checkpoint first)."""
-    latest = run_dir.latest_checkpoint(model_dir)
-    start_step = latest[0] if latest else 0
-    spe = steps_per_execution(a, start_step) if start_step < a["steps"] else 1
-    model, optimizer, schedule = build_model(a, config, spe)
+    def spe_at(step: int) -> int:
+        return steps_per_execution(a, step) if step < a["steps"] else 1
+
+    # The newest checkpoint that loads (one cut short by a full disk is passed over, with a warning).
+    latest = run_dir.restore_newest(model_dir, lambda step: build_model(a, config, spe_at(step)))
     if latest:
-        run_dir.restore_checkpoint(model, latest[1])
-        logging.info("resumed from %s at step %d", latest[1], start_step)
+        (model, optimizer, schedule), start_step, path = latest
+        logging.info("resumed from %s at step %d", path, start_step)
+    else:
+        start_step = 0
+        model, optimizer, schedule = build_model(a, config, spe_at(0))
+    spe = spe_at(start_step)
     config["resumed_from_step"] = start_step
     config["steps_per_execution"] = spe
     run_dir.write_json(os.path.join(model_dir, network.CONFIG_FILE), config)
@@ -134,7 +140,8 @@ def fit(data_dir: str, model_dir: str, a: dict, config: dict, started: float, st
             stream = data.train_batches(data_dir, a["train_split"], batch, shuffle_buffer=a["shuffle_buffer"],
                                         seed=a["seed"] + start_step, reader=a["reader"],
                                         workers=a["reader_workers"], augment=a["augment"],
-                                        photometric=a["photometric"])
+                                        photometric=a["photometric"],
+                                        photometric_share=a["photometric_share"])
             model.fit(stream, epochs=1, steps_per_epoch=a["steps"] - start_step, verbose=0, callbacks=[monitor],
                       shuffle=False)  # the stream is shuffled already
         monitor.checkpoint(monitor.step)  # the last step's (refused, as Diverged, if its weights are non-finite)
@@ -151,6 +158,11 @@ def fit(data_dir: str, model_dir: str, a: dict, config: dict, started: float, st
             monitor.checkpoint(done)
         logging.warning("interrupted at step %d; checkpoint saved, run the same command to resume", done)
         raise
+    except outputs.OutputError as e:  # a full or read-only disk: nothing more can be saved
+        last = run_dir.latest_checkpoint(model_dir)
+        raise outputs.OutputError(f"{e}; training stopped at step {steps_done()}; "
+                                  + (f"the checkpoint of step {last[0]} is where the same command resumes once "
+                                     f"there is room" if last else "no checkpoint was saved")) from None
     except Exception as e:
         damaged = data.damaged_shard(e, data_dir, a["train_split"])
         if damaged is None:

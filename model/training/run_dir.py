@@ -16,12 +16,18 @@ from __future__ import annotations
 
 import csv
 import fcntl
+import gc
 import hashlib
 import json
 import os
 import re
 import socket
+import sys
 import time
+
+import numpy as np
+
+from pipeline.runtime import outputs
 
 CHECKPOINT_DIR = "checkpoints"
 MODEL_FILE = "model.keras"  # the finished network (model.network.MODEL_FILE)
@@ -60,8 +66,6 @@ class RunLock:
                 who = "another process"
             raise RunDirBusy(f"model_dir {os.path.dirname(self.path) or '.'} is in use by {who}; wait for it to "
                              f"end or use another --model_dir") from None
-        import sys
-
         os.ftruncate(fd, 0)
         os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
                                  "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
@@ -102,20 +106,90 @@ def latest_checkpoint(model_dir: str):
     return found[-1] if found else None
 
 
+class CheckpointError(ValueError):
+    """Checkpoints there, none of which loads; the message names the folder and what failed."""
+
+
 def save_checkpoint(model, model_dir: str, step: int, keep: int = 3) -> str:
     """Writes checkpoints/ckpt-<step>.weights.h5 (model + optimizer variables) atomically, then keeps the
-    newest `keep`. A partial file (a job killed mid-write) never has the ckpt- name."""
+    newest `keep`. A partial file (a job killed mid-write) never has the ckpt- name. A disk that cannot
+    take it (full, read-only) raises OutputError (one line) and leaves the previous checkpoints as they were."""
     d = checkpoint_dir(model_dir)
-    os.makedirs(d, exist_ok=True)
+    with outputs.writing(d, "create"):
+        os.makedirs(d, exist_ok=True)
     final = os.path.join(d, f"ckpt-{step}.weights.h5")
     partial = os.path.join(d, f"{_PARTIAL_PREFIX}{step}-{os.getpid()}.weights.h5")  # Keras wants the suffix
-    model.save_weights(partial)
-    with open(partial, "rb") as f:
-        os.fsync(f.fileno())  # the bytes are on disk before the name says the checkpoint is complete
-    os.replace(partial, final)
+    previous = checkpoints(model_dir)
+    need = os.path.getsize(previous[-1][1]) if previous else 4 * sum(
+        int(np.prod(v.shape)) for v in list(model.weights) + list(getattr(model.optimizer, "variables", [])))
+    outputs.reserve_space(d, need + (1 << 20), f"the checkpoint of step {step}")
+
+    def write():
+        model.save_weights(partial)
+        with open(partial, "rb") as f:
+            os.fsync(f.fileno())  # the bytes are on disk before the name says the checkpoint is complete
+        os.replace(partial, final)
+    write_or_fail(final, write, partial)
     for _, old in checkpoints(model_dir)[:-keep]:
         os.remove(old)
     return final
+
+
+def write_or_fail(path: str, write, partial: str | None = None) -> None:
+    """Runs write() (which writes path, perhaps through `partial`); an OSError (disk full, read-only
+    filesystem, no permission) becomes outputs.OutputError naming path and the cause, the partial file
+    removed. The HDF5 objects of a write that failed complain when freed: they are freed here, quietly.
+    (save_checkpoint and save_final_model reserve the room first, so HDF5 seldom meets a full disk.)"""
+    global _HDF5_FAILED
+    failure = None
+    hook, sys.unraisablehook = sys.unraisablehook, lambda unraisable: None
+    stderr, sys.stderr = sys.stderr, open(os.devnull, "w")  # Cython prints a freed object's error itself
+    try:
+        try:
+            write()
+        except OSError as e:
+            failure = f"cannot write {path}: {outputs.write_failure(e) or (str(e).splitlines() or [repr(e)])[0]}"
+        gc.collect()  # the failed write's objects go now, quietly
+    finally:
+        sys.stderr.close()
+        sys.stderr, sys.unraisablehook = stderr, hook
+    if failure is None:
+        return
+    _HDF5_FAILED = True
+    if partial and os.path.exists(partial):
+        os.remove(partial)
+    raise outputs.OutputError(failure)
+
+
+_HDF5_FAILED = False
+
+
+def hdf5_failed() -> bool:
+    """Whether a write through HDF5 failed in this process: HDF5 then holds objects it cannot close and
+    crashes the process at exit (H5_term_library); a command ends such a process with os._exit."""
+    return _HDF5_FAILED
+
+
+def restore_newest(model_dir: str, build):
+    """(what build(step) returned, step, path) for the newest checkpoint that loads into build(step)[0]
+    (a Keras model); None when there is no checkpoint. A newer one that does not load (cut short by a
+    full disk, damaged) is passed over with a warning; CheckpointError when none loads."""
+    from absl import logging
+
+    found = checkpoints(model_dir)
+    for step, path in reversed(found):
+        built = build(step)
+        try:
+            restore_checkpoint(built[0], path)
+        except (OSError, ValueError, KeyError, RuntimeError) as e:
+            logging.warning("checkpoint %s cannot be read (%s: %s); taking the one before it", path,
+                            type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+            continue
+        return built, step, path
+    if found:
+        raise CheckpointError(f"none of the {len(found)} checkpoints in {checkpoint_dir(model_dir)} can be read "
+                              f"(see the warnings above); move them away to start the run over")
+    return None
 
 
 def remove_partial_checkpoints(model_dir: str) -> None:
@@ -143,22 +217,26 @@ def read_history(model_dir: str, upto_step: int) -> list:
 
 
 def write_history(model_dir: str, history: list) -> None:
-    tmp = os.path.join(model_dir, "history.json.tmp")
-    with open(tmp, "w") as f:
-        json.dump(history, f, indent=1)
-    os.replace(tmp, os.path.join(model_dir, "history.json"))
-    with open(os.path.join(model_dir, "history.csv"), "w", newline="") as f:
+    write_json(os.path.join(model_dir, "history.json"), history, indent=1)
+    path = os.path.join(model_dir, "history.csv")
+    with outputs.writing(path), open(path, "w", newline="") as f:
         w = csv.DictWriter(f, HISTORY_FIELDS, extrasaction="ignore")
         w.writeheader()
         for row in history:
             w.writerow({k: ("" if row.get(k) is None else row[k]) for k in HISTORY_FIELDS})
 
 
-def write_json(path: str, obj) -> None:
+def write_json(path: str, obj, indent: int = 2) -> None:
+    """Atomically (a temporary file, then a rename); a disk that cannot take it: OutputError, one line."""
     tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
+    try:
+        with outputs.writing(path):
+            with open(tmp, "w") as f:
+                json.dump(obj, f, indent=indent)
+            os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def plot_mace(history: list, path: str, title: str = "") -> None:
@@ -184,8 +262,11 @@ def plot_mace(history: list, path: str, title: str = "") -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    try:
+        with outputs.writing(path):
+            fig.savefig(path, dpi=100)
+    finally:
+        plt.close(fig)
 
 
 class ScalarLogs:
@@ -201,7 +282,9 @@ class ScalarLogs:
             self._writers = None
             return
         self._event, self._summary = event_pb2, summary_pb2
-        self._writers = {k: EventFileWriter(os.path.join(model_dir, "logs", k)) for k in ("train", "validation")}
+        self._dir = os.path.join(model_dir, "logs")
+        with outputs.writing(self._dir, "write TensorBoard logs in"):
+            self._writers = {k: EventFileWriter(os.path.join(self._dir, k)) for k in ("train", "validation")}
 
     def write(self, split: str, step: int, values: dict) -> None:
         if self._writers is None:
@@ -212,12 +295,16 @@ class ScalarLogs:
                                                                            metadata=metadata)
                                                for k, v in values.items()])
         writer = self._writers[split]
-        writer.add_event(self._event.Event(wall_time=time.time(), step=int(step), summary=summary))
-        writer.flush()
+        with outputs.writing(self._dir, "write TensorBoard logs in"):
+            writer.add_event(self._event.Event(wall_time=time.time(), step=int(step), summary=summary))
+            writer.flush()
 
     def close(self) -> None:
         for w in (self._writers or {}).values():
-            w.close()
+            try:
+                w.close()
+            except OSError:  # a full disk was reported already, where the write failed
+                pass
 
 
 # ---------------------------------------------------------------------------------------------- final model
@@ -230,7 +317,9 @@ def save_final_model(model, path: str):
     # from_config, not clone_model: clone_model also compiles the copy, with the training's loss functions.
     final = keras.Model.from_config(model.get_config())
     final.set_weights(model.get_weights())
-    final.save(path)
+    outputs.reserve_space(os.path.dirname(os.path.abspath(path)),
+                          4 * sum(int(np.prod(v.shape)) for v in final.weights) + (1 << 20), path)
+    write_or_fail(path, lambda: final.save(path), path)
     return final
 
 
@@ -252,7 +341,13 @@ def export_saved_model(model, path: str, patch_size: int, channels: int, rho: fl
     raw = tf.TensorSpec((None, patch_size, patch_size, channels), tf.uint8)
     archive.add_endpoint("offsets", lambda a, b: model(data.normalize(a, b), training=False) * float(rho),
                          input_signature=[raw, raw])
-    archive.write_out(path, verbose=False)
+    try:
+        archive.write_out(path, verbose=False)
+    except Exception as e:  # TensorFlow's own file errors: a full or read-only disk becomes one line
+        cause = outputs.write_failure(e)
+        if cause is None:
+            raise
+        raise outputs.OutputError(f"cannot write {path}: {cause}") from None
     return True
 
 

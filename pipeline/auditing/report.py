@@ -40,7 +40,7 @@ def check_shard_read(split, shards):
 def check_shard_counts(split, shards):
     bad = [{"file": s["file"], "listed": s["expected"], "read": s["read"]} for s in shards if s["read"] != s["expected"]]
     return check(f"{split}/shard_counts", HARD, not bad,
-                 f"{len(shards) - len(bad)}/{len(shards)} shards hold the records dataset_info.json lists"
+                 f"{len(shards) - len(bad)}/{len(shards)} shards hold the records homography_index.json lists"
                  + ("; FAILED: " + ", ".join(f"{b['file']} listed {b['listed']} read {b['read']}" for b in bad[:3])
                     if bad else ""),
                  mismatches=bad)
@@ -63,7 +63,7 @@ def check_pairs_per_image(split, split_info, images):
     used = int(split_info["images_used"])
     problems = []
     if images["images"] != used:
-        problems.append(f"{images['images']} images have pairs, dataset_info.json says {used} used")
+        problems.append(f"{images['images']} images have pairs, homography_index.json says {used} used")
     if images["wrong_pairs"]["count"]:
         problems.append(f"{images['wrong_pairs']['count']} images without exactly patch indices "
                         f"0..{images['patches_per_image'] - 1} (e.g. {images['wrong_pairs']['examples'][:2]})")
@@ -106,12 +106,20 @@ def check_label_consistency(split, stats, quantiles, max_share):
     res = stats["residual"]
     return check(f"{split}/label_consistency", HARD, n > 0 and share <= max_share,
                  f"warp(patch_a, H_local) vs patch_b: mean abs residual {res.get('mean', [float('nan')])[0]:.4f} "
-                 f"grey levels (median {q[50]:.4f}, p99 {q[99]:.4f}, max {q[100]:.4f}); "
+                 f"{stats.get('residual_unit', 'grey levels')} (median {q[50]:.4f}, p99 {q[99]:.4f}, max {q[100]:.4f}); "
                  f"{f['count']}/{n} pairs ({100 * share:.2f}%) above {stats['residual_threshold']}, "
                  f"allowed {100 * max_share:.2f}%",
                  pairs=n, above_threshold=f["count"], share_above=share, max_share=max_share,
                  threshold=stats["residual_threshold"], mean=res.get("mean", [None])[0],
                  std=res.get("std", [None])[0], median=q[50], p90=q[90], p99=q[99], max=q[100], examples=f["examples"])
+
+
+def check_photometric(split, stats, model):
+    f = stats.get("photometric") or {"count": 0, "examples": []}
+    return check(f"{split}/photometric_parameters", HARD, f["count"] == 0,
+                 (f"every pair carries camera parameters within the model's ranges" if model == "camera" else
+                  "no pair carries camera parameters (a --photometric=none build)") if not f["count"] else
+                 f"{f['count']} pairs with wrong camera parameters (e.g. {f['examples'][:2]})", failures=f)
 
 
 def uniformity(stats, rho):
@@ -169,13 +177,14 @@ def evaluate(results: dict, info: dataset_info.DatasetInfo, max_residual_share: 
                    check_split_counts(split, s_info, shards, ppi),
                    check_pairs_per_image(split, s_info, results["images"].get(split))]
         stats = results["stats"].get(split)
-        if stats is None:  # no record read: right only for a split that dataset_info.json says is empty
+        if stats is None:  # no record read: right only for a split that homography_index.json says is empty
             empty = int(s_info["num_examples"]) == 0
-            checks.append(check(f"{split}/records", HARD, empty, "empty split, as dataset_info.json says" if empty
+            checks.append(check(f"{split}/records", HARD, empty, "empty split, as homography_index.json says" if empty
                                 else "no record of this split could be read"))
             continue
         checks += [check_offset_range(split, stats, config.rho), check_margins(split, stats, config),
                    check_label_consistency(split, stats, results["quantiles"].get(split), max_residual_share),
+                   check_photometric(split, stats, config.photometric),
                    check_offset_uniformity(split, stats, config.rho), check_near_constant(split, stats)]
     checks += [check_leakage(results["leakage"]), check_duplicates(results["duplicates"])]
     return checks
@@ -216,7 +225,7 @@ def markdown(report: dict) -> str:
                   f"Patch intensity: patch_a mean {img['mean'][0]:.1f} (std over pairs {img['std'][0]:.1f}), "
                   f"mean within-patch std {img['mean'][1]:.1f}; patch_b mean {img['mean'][2]:.1f}, "
                   f"mean within-patch std {img['mean'][3]:.1f}.", "",
-                  f"Label residual (grey levels): mean {st['residual']['mean'][0]:.4f}, median {q[50]:.4f}, "
+                  f"Label residual ({st.get('residual_unit', 'grey levels')}): mean {st['residual']['mean'][0]:.4f}, median {q[50]:.4f}, "
                   f"p90 {q[90]:.4f}, p99 {q[99]:.4f}, max {q[100]:.4f}; valid region share mean "
                   f"{st['valid_share']['mean'][0]:.3f} (min {st['valid_share']['min'][0]:.3f}).", ""]
         for plot in report["plots"].get(split, []):

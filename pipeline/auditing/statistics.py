@@ -22,6 +22,7 @@ from pipeline.dataset import geometry
 
 OFFSET_BINS = 32
 RESIDUAL_EDGES = np.concatenate([[0.0], np.logspace(-3, np.log10(256.0), 49)])  # [0, 1e-3) holds exact zeros
+RESIDUAL_UNITS = {"none": "grey levels", "camera": "relative to the patch's spread, tone undone (measure.py)"}
 NEAR_CONSTANT_STD = 2.0  # grey levels: a patch with less spread than this has no usable texture
 MAX_EXAMPLES = 5
 
@@ -124,7 +125,7 @@ class SplitStatsFn(beam.CombineFn):
             "top_left": Moments(2), "positions": np.zeros((max(ny, 1), max(nx, 1)), np.int64),
             "image": Moments(4), "near_constant": np.zeros(2, np.int64), "pixels": np.zeros((2, 256), np.int64),
             "residual": Moments(1), "residual_hist": Histogram(1, RESIDUAL_EDGES), "valid_share": Moments(1),
-            "offset_range": Failures(), "margins": Failures(), "label": Failures(),
+            "offset_range": Failures(), "margins": Failures(), "label": Failures(), "photometric": Failures(),
         }
 
     def add_input(self, acc, s):
@@ -136,6 +137,8 @@ class SplitStatsFn(beam.CombineFn):
             acc["positions"][int(s["top_left"][1]) - c.rho, int(s["top_left"][0]) - c.rho] += 1
         else:
             acc["margins"].add(key + (s["corner_problem"],))
+        if s.get("photometric_problem") is not None:
+            acc["photometric"].add(key + (s["photometric_problem"],))
         if s["offset_problem"] is not None:
             acc["offset_range"].add(key + (s["offset_problem"],))
         acc["image"].add(s["image"])
@@ -163,6 +166,7 @@ class SplitStatsFn(beam.CombineFn):
         out = {k: (v.tolist() if isinstance(v, np.ndarray) else v.to_dict()) for k, v in acc.items()}
         out["pairs"] = acc["offsets"].n
         out["residual_threshold"] = self._threshold
+        out["residual_unit"] = RESIDUAL_UNITS[self._config.photometric]
         out["near_constant_std"] = NEAR_CONSTANT_STD
         return out
 

@@ -5,7 +5,8 @@ for machines without Beam) both go through these functions, so they write the sa
   assign_shards   which images go to which shard (round robin over the id-sorted listing)
   image_pairs     one image -> its serialised records, in patch order
   write_shard     one shard file from its images; the images that must be skipped, with their reasons
-  split_summary   the split's entry of dataset_info.json from its shard results and skipped images
+  split_summary   the split's entry of the index (homography_index.json) from its shard results and skipped images
+  write_metadata  the index, then TFDS's dataset_info.json and features.json: a build's last writes
 """
 from __future__ import annotations
 
@@ -14,9 +15,8 @@ import math
 import cv2
 
 from pipeline.builder import coco
-from pipeline.dataset import dataset_info, geometry, schema
+from pipeline.dataset import dataset_info, geometry, photometric, schema, tfds_metadata
 from pipeline.reader import framing
-from pipeline.dataset import photometric
 
 MIN_SHARDS = 8
 TARGET_SHARD_BYTES = 64 * 2**20  # ~64 MiB a shard: enough files to interleave, few enough to list
@@ -38,9 +38,10 @@ def parse_splits(text: str) -> dict:
 
 
 def list_splits(coco_dir: str, splits: dict, config: geometry.PairConfig, num_shards: int = 0,
-                max_images: int = 0) -> dict:
+                max_images: int = 0, name: str = "homography") -> dict:
     """What every build checks and lists before it writes anything: {split: (images, source, COCO split)}.
-    ValueError (coco.ListingError among them) names the problem."""
+    ValueError (coco.ListingError among them) names the problem; name must be a TFDS dataset name."""
+    tfds_metadata.check_name(name)
     config.validate()
     if num_shards < 0 or max_images < 0:
         raise ValueError("--num_shards and --max_images must be >= 0")
@@ -51,8 +52,7 @@ def list_splits(coco_dir: str, splits: dict, config: geometry.PairConfig, num_sh
     return listings
 
 
-def shard_name(name: str, split: str, index: int, num_shards: int) -> str:
-    return f"{schema.shard_prefix(name, split)}-{index:05d}-of-{num_shards:05d}"
+shard_name = schema.shard_file
 
 
 def auto_num_shards(num_images: int, config: geometry.PairConfig) -> int:
@@ -132,7 +132,7 @@ def write_shard(writer, images: list, config: geometry.PairConfig, split: str, r
 
 def split_summary(shards: list, failed: list, *, name: str, split: str, source_split: str, source: str,
                   images_listed: int, num_shards: int) -> tuple[dict, list]:
-    """(the split's dataset_info.json entry, names of the shards that got no image and must exist empty).
+    """(the split's entry of the index, names of the shards that got no image and must exist empty).
 
     shards: one {"index", "file", "num_examples", "images_used"} per shard written."""
     by_index = {s["index"]: s for s in shards}
@@ -158,6 +158,31 @@ def split_summary(shards: list, failed: list, *, name: str, split: str, source_s
     }, empty
 
 
+def require_room(output_dir: str, listings: dict, config: geometry.PairConfig) -> None:
+    """outputs.OutputError when a local output_dir's filesystem has less room than the records of every
+    listed image could take (the largest record the geometry allows, index_checks.record_bounds): a build
+    that cannot fit is refused before its job, not stopped by a full disk halfway."""
+    if dataset_info.is_remote(output_dir):
+        return
+    from pipeline.dataset import index_checks
+    from pipeline.runtime import outputs
+
+    record = index_checks.record_bounds(config.patch_size, config.channels)[1] + 16
+    pairs = sum(len(listing) for listing, _, _ in listings.values()) * config.patches_per_image
+    outputs.require_space(output_dir, pairs * record + (1 << 20), f"{pairs} pairs")
+
+
+def no_images_used(splits: dict, output_dir: str) -> str | None:
+    """The one-line error of a build in which every image of a split failed (missing, undecodable, ...),
+    naming its failed_images file; None when every split has pairs."""
+    for split, s in splits.items():
+        if s["images_listed"] and not s["images_used"]:
+            reasons = ", ".join(f"{k} {v}" for k, v in s["failed_by_reason"].items())
+            return (f"split '{split}': none of its {s['images_listed']} images could be used ({reasons}); "
+                    f"see {dataset_info.join(output_dir, schema.failed_images_file(split))}")
+    return None
+
+
 def failed_lines(failed: list) -> bytes:
     """failed_images-<split>.jsonl's content: one JSON object a line, by image id."""
     import json
@@ -166,9 +191,17 @@ def failed_lines(failed: list) -> bytes:
 
 
 def header(config: geometry.PairConfig, name: str, runner: str, argv: list, reduced_decode: bool, started: str) -> dict:
-    """dataset_info.json without its splits: the generation config and how the build ran."""
-    return {"name": name, "format_version": dataset_info.FORMAT_VERSION,
+    """The index without its splits: the generation config and how the build ran."""
+    return {"name": name, "format_version": dataset_info.FORMAT_VERSION, "version": schema.VERSION,
             "config": {**{k: getattr(config, k) for k in ("patch_size", "rho", "image_width", "image_height",
                                                              "channels", "patches_per_image", "seed")},
                        "photometric": photometric.describe(config.photometric)},
             "build": {"runner": runner, "argv": list(argv), "reduced_decode": reduced_decode, "started": started}}
+
+
+def write_metadata(output_dir: str, raw: dict) -> str:
+    """A build's last writes, each atomic: the index, then TFDS's features.json and dataset_info.json
+    from it (so the folder is a TFDS dataset directory). Returns the index's path."""
+    path = dataset_info.write(output_dir, raw)
+    tfds_metadata.write(output_dir, raw)
+    return path

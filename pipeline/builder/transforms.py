@@ -5,7 +5,7 @@
   WriteShards       read + decode + resize + generate + serialise + write one shard per group;
                     one output of (kind, dict): ('shard', result) per shard, ('failed', dict) per skipped image
   FinalizeSplit     failed_images-<split>.jsonl + the split's summary (counts, shards)
-  WriteDatasetInfo  dataset_info.json, last, atomically
+  WriteDatasetInfo  the index (homography_index.json), then TFDS's features.json and dataset_info.json: last, atomically
 
 Only Create, ParDo, GroupByKey and Flatten, one output per ParDo, no side inputs, and every step feeding
 the last one: the subset that every runner translates (Beam 2.77's DaskRunner separates no tagged
@@ -155,11 +155,11 @@ def _write_info(keyed, *, output_dir, header):
     for s in sorted(summaries, key=lambda d: list(d)[0]):
         raw["splits"].update(s)
     raw["build"] = dict(header["build"], finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-    return dataset_info.write(output_dir, raw)
+    return shards.write_metadata(output_dir, raw)
 
 
 class WriteDatasetInfo(beam.PTransform):
-    """Last step: dataset_info.json, written only after every split is complete."""
+    """Last step: the index and TFDS's metadata, written only after every split is complete."""
 
     def __init__(self, output_dir: str, header: dict):
         super().__init__()

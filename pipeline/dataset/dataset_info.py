@@ -1,9 +1,12 @@
-"""dataset_info.json: the index of a built dataset. Readers find shards through it, never by names.
+"""homography_index.json (schema.INDEX): the project's index of a built dataset. Readers find shards through
+it, never by names. TFDS's own dataset_info.json and features.json beside it are written from it
+(pipeline/dataset/tfds_metadata.py).
 
-Layout (format_version 1):
+Layout (format_version 2; 1 was the same content under the name dataset_info.json, which TFDS owns):
 {
-  "name": "homography", "format_version": 1,
-  "config": {"patch_size", "rho", "image_width", "image_height", "channels", "patches_per_image", "seed"},
+  "name": "homography", "format_version": 2, "version": "1.0.0" (schema.VERSION, the TFDS version),
+  "config": {"patch_size", "rho", "image_width", "image_height", "channels", "patches_per_image", "seed",
+             "photometric"},
   "splits": {
     "<split>": {"source_split", "images_listed", "images_used", "images_failed", "failed_by_reason",
                 "num_examples", "failed_images_file",
@@ -11,7 +14,8 @@ Layout (format_version 1):
   },
   "build": {"runner", "argv", "started", "finished", "seconds"}
 }
-Shard file names are relative to the folder holding dataset_info.json.
+Shard file names are relative to the folder holding the index. A build from before the move (its
+dataset_info.json holds the project's "format_version") is refused with one line saying to rebuild it.
 
 No Beam needed to read a dataset: local paths go through open/os; only remote ones (gs://...) go through
 Beam's FileSystems, imported when such a path shows up, so readers run where only numpy and protobuf are.
@@ -25,7 +29,7 @@ import posixpath
 
 from pipeline.dataset import schema
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 class DatasetError(ValueError):
@@ -81,9 +85,12 @@ class DatasetInfo:
     def split(self, name: str, allow_empty: bool = False) -> SplitInfo:
         splits = self.raw["splits"]
         if name not in splits:
-            raise DatasetError(f"split '{name}' is not in {join(self.data_dir, schema.DATASET_INFO)}; "
+            raise DatasetError(f"split '{name}' is not in {join(self.data_dir, schema.INDEX)}; "
                                f"it has: {', '.join(splits) or 'none'}")
         s = splits[name]
+        from pipeline.dataset import index_checks
+
+        index_checks.check_split_total(s, name, join(self.data_dir, schema.INDEX))
         shards = s.get("shards", [])
         info = SplitInfo(name, int(s["num_examples"]), [join(self.data_dir, sh["file"]) for sh in shards],
                          [int(sh["num_examples"]) for sh in shards], s)
@@ -93,10 +100,14 @@ class DatasetInfo:
 
 
 def read(data_dir: str) -> DatasetInfo:
-    """Loads and checks data_dir/dataset_info.json; raises DatasetError with a clear message."""
-    path = join(data_dir, schema.DATASET_INFO)
+    """Loads and checks data_dir's index (schema.INDEX); raises DatasetError with a clear message."""
+    path = join(data_dir, schema.INDEX)
     if not exists(path):
-        raise DatasetError(f"no {schema.DATASET_INFO} in {data_dir}: not a built dataset "
+        if _is_old_build(data_dir):
+            raise DatasetError(f"{data_dir} was built before the project's index moved from "
+                               f"{schema.TFDS_DATASET_INFO} to {schema.INDEX}: rebuild it (python -m pipeline.build "
+                               f"--coco_dir=... --output_dir={data_dir} --overwrite, with the flags it was built with)")
+        raise DatasetError(f"no {schema.INDEX} in {data_dir}: not a built dataset "
                            f"(build one with: python -m pipeline.build --coco_dir=... --output_dir={data_dir})")
     from pipeline.dataset import photometric
     from pipeline.dataset.geometry import PairConfig
@@ -114,22 +125,39 @@ def read(data_dir: str) -> DatasetInfo:
                 str(sh["file"]), int(sh["num_examples"])
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise DatasetError(f"{path} is malformed ({type(e).__name__}: {e})") from e
+    from pipeline.dataset import index_checks
+
+    index_checks.check_index(raw, config, path)  # bounds and counts every reader relies on
     return DatasetInfo(data_dir, config, raw)
 
 
+def _is_old_build(data_dir: str) -> bool:
+    """Whether data_dir's dataset_info.json is the project's index of format 1 (TFDS's has no format_version)."""
+    old = join(data_dir, schema.TFDS_DATASET_INFO)
+    try:
+        with open_read(old) as f:
+            content = json.loads(f.read().decode("utf-8"))
+    except (OSError, ValueError):  # absent or not JSON: not an old build either
+        return False
+    return isinstance(content, dict) and "format_version" in content
+
+
 def write(data_dir: str, raw: dict) -> str:
-    """Writes dataset_info.json atomically (temporary file, then rename): it exists only when complete."""
-    path = join(data_dir, schema.DATASET_INFO)
+    """Writes the index atomically (temporary file, then rename): it exists only when complete."""
+    return write_atomic(join(data_dir, schema.INDEX), json.dumps(raw, indent=2, sort_keys=False).encode("utf-8"))
+
+
+def write_atomic(path: str, data: bytes) -> str:
+    """Writes path through a temporary file beside it and a rename, locally or through Beam's FileSystems."""
     tmp = path + ".tmp"
-    text = json.dumps(raw, indent=2, sort_keys=False).encode("utf-8")
     if not is_remote(path):
         with open(tmp, "wb") as f:
-            f.write(text)
+            f.write(data)
         os.replace(tmp, path)
         return path
     FileSystems = _filesystems()
     with FileSystems.create(tmp) as f:
-        f.write(text)
+        f.write(data)
     if FileSystems.exists(path):
         FileSystems.delete([path])
     FileSystems.rename([tmp], [path])

@@ -24,6 +24,11 @@ from pipeline.dataset import photometric
 # equal the offsets that made the warp, bit for bit.
 OFFSET_STEPS = 2**20
 
+# Bounds on every input of a build and every index a reader accepts (README, "What the commands promise").
+MAX_PATCH_SIZE = 1024
+MAX_IMAGE_SIDE = 8192
+MAX_IMAGE_PAIR_BYTES = 512 << 20  # one image's pairs are held in memory at once while a shard is written
+
 
 @dataclasses.dataclass(frozen=True)
 class PairConfig:
@@ -39,11 +44,26 @@ class PairConfig:
     photometric: str = "none"  # the camera model of each patch (pipeline/dataset/photometric.py)
 
     def validate(self) -> None:
-        """Raises ValueError naming the problem when the geometry cannot fit."""
-        if self.patch_size <= 0 or self.rho < 0 or self.patches_per_image <= 0:
-            raise ValueError(
-                f"patch_size ({self.patch_size}) and patches_per_image ({self.patches_per_image}) "
-                f"must be positive and rho ({self.rho}) non-negative")
+        """Raises ValueError naming the problem when the geometry cannot fit or is out of bounds (README:
+        patch_size 1..MAX_PATCH_SIZE, rho >= 1, image sides up to MAX_IMAGE_SIDE, one image's pairs within
+        MAX_IMAGE_PAIR_BYTES)."""
+        if self.patch_size <= 0 or self.patches_per_image <= 0:
+            raise ValueError(f"patch_size ({self.patch_size}) and patches_per_image ({self.patches_per_image}) "
+                             f"must be positive")
+        if self.rho < 1:
+            raise ValueError(f"rho must be at least 1, got {self.rho} (rho 0 is no motion: nothing to learn, "
+                             f"and labels scaled by 1/rho)")
+        if self.patch_size > MAX_PATCH_SIZE:
+            raise ValueError(f"patch_size {self.patch_size} is larger than the {MAX_PATCH_SIZE} px allowed")
+        if max(self.image_width, self.image_height) > MAX_IMAGE_SIDE:
+            raise ValueError(f"image size {self.image_width}x{self.image_height} has a side over the "
+                             f"{MAX_IMAGE_SIDE} px allowed")
+        pair_bytes = 2 * self.patch_size ** 2 * max(self.channels, 1)
+        if self.patches_per_image * pair_bytes > MAX_IMAGE_PAIR_BYTES:
+            raise ValueError(f"patches_per_image {self.patches_per_image} of {self.patch_size} px patches hold "
+                             f"{self.patches_per_image * pair_bytes / 2**20:.0f} MiB per image; at most "
+                             f"{MAX_IMAGE_PAIR_BYTES // pair_bytes} pairs an image at this size "
+                             f"({MAX_IMAGE_PAIR_BYTES >> 20} MiB)")
         if self.photometric not in photometric.MODELS:
             raise ValueError(f"photometric must be one of {', '.join(photometric.MODELS)}, got '{self.photometric}'")
         if self.channels not in (1, 3):

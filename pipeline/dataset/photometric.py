@@ -60,7 +60,7 @@ def validate_model(name: str) -> str:
 
 
 def describe(name: str) -> dict:
-    """The model as dataset_info.json records it: its name and, for `camera`, fields, ranges and order."""
+    """The model as homography_index.json records it: its name and, for `camera`, fields, ranges and order."""
     validate_model(name)
     if name == "none":
         return {"name": "none"}

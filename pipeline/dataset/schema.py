@@ -27,7 +27,19 @@ PATCH_INDEX = "patch_index"
 PHOTOMETRIC_A = "photometric_a"
 PHOTOMETRIC_B = "photometric_b"
 
-DATASET_INFO = "dataset_info.json"
+# The record schema's version: a build's TFDS version (dataset_info.json, and the <data_dir>/<name>/<version>
+# folder tfds.load looks in). Bump it whenever a feature above is added, removed or changes meaning, and add
+# a line to RELEASE_NOTES saying what changed (tests/test_tfds.py pins the features it stands for).
+VERSION = "1.0.0"
+RELEASE_NOTES = {
+    "1.0.0": "The record schema of DESIGN.md (patch_a, patch_b, offsets, corners, image_id, patch_index; "
+             "photometric_a, photometric_b in camera builds); the first build readable by TFDS.",
+}
+
+# What a build writes beside its shards (DESIGN.md, Output layout):
+INDEX = "homography_index.json"           # the project's own index (pipeline/dataset/dataset_info.py)
+TFDS_DATASET_INFO = "dataset_info.json"   # TensorFlow Datasets' DatasetInfo (pipeline/dataset/tfds_metadata.py)
+TFDS_FEATURES = "features.json"           # TensorFlow Datasets' FeaturesDict (the same module)
 
 
 def shard_prefix(name: str, split: str) -> str:
@@ -35,8 +47,19 @@ def shard_prefix(name: str, split: str) -> str:
     return f"{name}-{split}.tfrecord"
 
 
+def shard_file(name: str, split: str, index: int, num_shards: int) -> str:
+    """The file of shard `index` of `num_shards` (TFDS's template {DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y})."""
+    return f"{shard_prefix(name, split)}-{index:05d}-of-{num_shards:05d}"
+
+
 def failed_images_file(split: str) -> str:
     return f"failed_images-{split}.jsonl"
+
+
+# Every file a build writes, as glob patterns, in the order --overwrite removes them: the metadata first
+# (with the temporary files of its atomic writes), so that from then on nothing claims a complete dataset.
+BUILD_OUTPUTS = (INDEX + "*", TFDS_DATASET_INFO + "*", TFDS_FEATURES + "*", failed_images_file("*"),
+                 shard_prefix("*", "*") + "-*-of-*")
 
 
 def feature_spec() -> dict:
@@ -100,7 +123,7 @@ def parse_batch(serialized, patch_size: int, channels: int) -> dict:
     import tensorflow as tf
 
     parsed = tf.io.parse_example(serialized, feature_spec())
-    shape = [-1, patch_size, patch_size, channels]
-    parsed[PATCH_A] = tf.reshape(tf.io.decode_raw(parsed[PATCH_A], tf.uint8), shape)
-    parsed[PATCH_B] = tf.reshape(tf.io.decode_raw(parsed[PATCH_B], tf.uint8), shape)
+    for key in (PATCH_A, PATCH_B):  # a record of another patch size fails here, never reshaped into this one
+        raw = tf.ensure_shape(tf.io.decode_raw(parsed[key], tf.uint8), [None, patch_size * patch_size * channels])
+        parsed[key] = tf.reshape(raw, [-1, patch_size, patch_size, channels])
     return parsed

@@ -1,6 +1,6 @@
 """The batching reader: one split of a built dataset as batches of numpy arrays, in dataset order or
 shuffled (shard order permuted each epoch, then a shuffle buffer), decoded in this process or in worker
-processes. Shards are found only through dataset_info.json, and each shard's record count is checked
+processes. Shards are found only through homography_index.json, and each shard's record count is checked
 against it. Needs only numpy, protobuf and google-crc32c (pipeline/reader/framing.py).
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Iterator
 
 import numpy as np
 
-from pipeline.dataset import dataset_info, schema
+from pipeline.dataset import dataset_info, index_checks, schema
 from pipeline.dataset.dataset_info import DatasetError
 from pipeline.reader.framing import decode_batch, empty_batch, iter_records
 
@@ -39,7 +39,7 @@ class SplitSource:
         missing = [f for f in s.shard_files if not dataset_info.exists(f)]
         if missing:
             raise DatasetError(f"split '{split}' of {data_dir}: {len(missing)} shard file(s) listed in "
-                               f"{schema.DATASET_INFO} are missing, e.g. {missing[0]}")
+                               f"{schema.INDEX} are missing, e.g. {missing[0]}")
         c = info.config
         self.data_dir, self.split = data_dir, split
         self.patch_size, self.channels, self.rho = c.patch_size, c.channels, c.rho
@@ -65,19 +65,26 @@ def open_split(data_dir: str, split: str) -> SplitSource:
 
 
 def _decode_shard(path: str, expected: int, patch_size: int, channels: int, chunk: int) -> Iterator[dict]:
-    """A shard's records decoded `chunk` at a time; the count is checked against dataset_info.json."""
+    """A shard's records decoded `chunk` at a time; the count is checked against homography_index.json, every
+    record's length against the geometry (index_checks.record_bounds) before it is read."""
     pending, n = [], 0
-    for data in iter_records(path):
+    for data in iter_records(path, index_checks.record_bounds(patch_size, channels)):
         pending.append(data)
         n += 1
         if len(pending) == chunk:
             yield _decode_in_shard(pending, path, n - len(pending), patch_size, channels)
             pending = []
     if n != expected:
-        raise DatasetError(f"{path} holds {n} records but {schema.DATASET_INFO} lists {expected}: "
-                           f"the shard or the index was changed after the build")
+        raise index_checks.count_error(path, n, expected)
     if pending:
         yield _decode_in_shard(pending, path, n - len(pending), patch_size, channels)
+
+
+def verify_shard(path: str, expected: int, patch_size: int, channels: int) -> None:
+    """Reads and decodes every record of one shard as the reader does (CRCs, lengths, count, schema) and
+    raises what the reader would raise there (DatasetError, CorruptShardError), naming the shard."""
+    for _ in _decode_shard(path, expected, patch_size, channels, _CHUNK):
+        pass
 
 
 def _decode_in_shard(serialized, path, first, patch_size, channels) -> dict:
@@ -224,7 +231,7 @@ def batches(data_dir: str, split: str, batch_size: int, *, shuffle: bool = False
             shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER, mp_context: str = "spawn") -> Iterator[dict]:
     """Batches of a split as numpy dicts (decode_batch's keys, dtypes and shapes).
 
-    shuffle=False: records in the order of dataset_info.json (shard by shard, file order).
+    shuffle=False: records in the order of homography_index.json (shard by shard, file order).
     shuffle=True: shard order permuted every epoch, then a shuffle buffer of `shuffle_buffer` records
     (memory: that many records, ~33 KB each at P=128 grayscale); the same seed gives the same order.
     repeat: epochs without end (batches then run across epoch boundaries, so none is partial).

@@ -8,6 +8,7 @@ The builder writes with write_record, the audit and the reader read with read_fr
 """
 from __future__ import annotations
 
+import os
 import struct
 from typing import Iterator
 
@@ -56,25 +57,38 @@ def write_record(fileobj, data: bytes) -> None:
     fileobj.write(_CRC.pack(masked_crc32c(data)))
 
 
-def iter_records(path: str) -> Iterator[bytes]:
-    """The records of one TFRecord file, every length and data CRC checked; CorruptShardError on damage."""
+def iter_records(path: str, lengths: tuple | None = None) -> Iterator[bytes]:
+    """The records of one TFRecord file, every length and data CRC checked; CorruptShardError on damage.
+
+    lengths: (shortest, longest) a record may be (pipeline.dataset.index_checks.record_bounds): a header
+    claiming another length is refused before that many bytes are read (a 1 TiB length with a valid CRC)."""
     remote = dataset_info.is_remote(path)
     with (dataset_info.open_read(path) if remote else open(path, "rb", buffering=1 << 20)) as f:
-        yield from read_framed(f, path)
+        yield from read_framed(f, path, lengths)
 
 
-def read_framed(f, path: str = "<stream>") -> Iterator[bytes]:
+def _length(header: bytes, path: str, offset: int, lengths) -> int:
+    """The record length a 12-byte header holds, its CRC and (lengths) its bounds checked."""
+    if len(header) < 12:
+        raise CorruptShardError(path, offset, f"file ends inside a record header ({len(header)} of 12 bytes)")
+    length, length_crc = _HEADER.unpack(header)
+    if masked_crc32c(header[:8]) != length_crc:
+        raise CorruptShardError(path, offset, "record length fails its CRC")
+    if lengths and not lengths[0] <= length <= lengths[1]:
+        raise CorruptShardError(path, offset, f"a record of {length} bytes where this dataset's geometry makes "
+                                              f"records of {lengths[0]} to {lengths[1]} bytes (another patch "
+                                              f"size, or a corrupt length)")
+    return length
+
+
+def read_framed(f, path: str = "<stream>", lengths: tuple | None = None) -> Iterator[bytes]:
     """iter_records on an open binary file object (path only names it in errors)."""
     offset = 0
     while True:
         header = f.read(12)
         if not header:
             return
-        if len(header) < 12:
-            raise CorruptShardError(path, offset, f"file ends inside a record header ({len(header)} of 12 bytes)")
-        length, length_crc = _HEADER.unpack(header)
-        if masked_crc32c(header[:8]) != length_crc:
-            raise CorruptShardError(path, offset, "record length fails its CRC")
+        length = _length(header, path, offset, lengths)
         data = f.read(length)
         footer = f.read(4)
         if len(data) < length or len(footer) < 4:
@@ -83,6 +97,22 @@ def read_framed(f, path: str = "<stream>") -> Iterator[bytes]:
             raise CorruptShardError(path, offset, "record data fails its CRC")
         yield data
         offset += length + 16
+
+
+def scan_frames(path: str, lengths: tuple) -> int:
+    """The number of records of a local TFRecord file, from its headers alone (a seek past each record's
+    data): every header's CRC and length bounds checked, and the file must end where a record ends.
+    Reads 12 bytes a record; the data CRCs are left to the reader that reads the data."""
+    size, offset, count = os.path.getsize(path), 0, 0
+    with open(path, "rb", buffering=0) as f:
+        while offset < size:
+            f.seek(offset)
+            length = _length(f.read(12), path, offset, lengths)
+            if offset + length + 16 > size:
+                raise CorruptShardError(path, offset, f"file ends inside a record of {length} bytes")
+            offset += length + 16
+            count += 1
+    return count
 
 
 def empty_batch(n: int, patch_size: int, channels: int) -> dict:

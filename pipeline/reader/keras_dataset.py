@@ -24,7 +24,7 @@ class RecordsPyDataset(keras.utils.PyDataset):
     training=True: an endless stream, shard order and a shuffle buffer reseeded every pass, full batches
       only; an epoch is num_examples // batch_size batches. The stream is already shuffled, so the
       index Keras asks for only counts batches (Keras's own index shuffling changes nothing).
-    training=False: one pass in dataset_info.json order, the last batch partial; batch i is the i-th batch,
+    training=False: one pass in homography_index.json order, the last batch partial; batch i is the i-th batch,
       whatever order Keras asks in (predict lines up with the records).
     reader_workers: processes that read and decode shards (pipeline.records); prefer them to Keras's
       `workers`, which only add threads around one stream (thread-safe; use_multiprocessing is refused).

@@ -43,11 +43,12 @@ def define_dataset_flags(coco_dir_help: str, output_dir_help: str) -> None:
     flags.DEFINE_integer("max_images", 0, "Use only the first N images (by id) of each split; 0 = all")
     flags.DEFINE_integer("num_shards", 0, "Shards per split; 0 = automatic (~64 MiB each, at least 8)")
     flags.DEFINE_bool("color", False, "3-channel (BGR) patches instead of grayscale")
-    flags.DEFINE_string("dataset_name", "homography", "Prefix of the shard files")
+    flags.DEFINE_string("dataset_name", "homography", "TFDS dataset name (snake_case): the shard files' prefix and "
+                        "the name tfds.load finds the build by")
     flags.DEFINE_bool("overwrite", False, "Replace a dataset already in output_dir")
     flags.DEFINE_enum("photometric", "none", ["none", "camera"], "none: patch B is an exact warp of patch A's "
                       "image; camera: each patch gets its own shade, blur, exposure, gamma and noise (labels "
-                      "unchanged; parameters stored in each record, ranges in dataset_info.json)")
+                      "unchanged; parameters stored in each record, ranges in homography_index.json)")
     flags.DEFINE_bool("reduced_decode", True, "Decode large JPEGs at 1/2, 1/4 or 1/8 size (needs sizes from the annotations)")
 
 
