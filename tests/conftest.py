@@ -31,6 +31,19 @@ def textured_image(rng, width=400, height=300):
     return np.clip(img + noise, 0, 255).astype(np.uint8)
 
 
+def textured_pairs(seed: int, num_images: int, blur_sigma: float = 0.0, patches_per_image: int = 4) -> list:
+    """Grayscale pairs (rho 32) of textured 320x240 images (optionally smoothed), exactly as the builder makes them."""
+    from pipeline.dataset import geometry
+
+    rng, config, pairs = np.random.default_rng(seed), geometry.PairConfig(patches_per_image=patches_per_image), []
+    for image_id in range(num_images):
+        image = textured_image(rng, 320, 240)
+        if blur_sigma:
+            image = cv2.GaussianBlur(image, (0, 0), blur_sigma)
+        pairs += geometry.generate_pairs(cv2.cvtColor(image, cv2.COLOR_BGR2GRAY), config, "validation", image_id)
+    return pairs
+
+
 def make_coco_layout(root: pathlib.Path, split: str, images: dict, annotation: str = "instances"):
     """Writes images {file_name: ndarray or bytes} under root/split and a COCO-format image list."""
     (root / split).mkdir(parents=True, exist_ok=True)

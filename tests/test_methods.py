@@ -1,11 +1,10 @@
 """The estimators of model.estimators (classical, learned, estimate) in DESIGN.md's convention, on pairs built by pipeline.dataset.geometry."""
-import cv2
 import numpy as np
 import pytest
 
 from model.estimators import classical, estimate, learned, registry
 from pipeline.dataset import geometry
-from tests.conftest import textured_image
+from tests import conftest
 
 CONFIG = geometry.PairConfig(patches_per_image=4)
 
@@ -13,12 +12,7 @@ CONFIG = geometry.PairConfig(patches_per_image=4)
 @pytest.fixture(scope="module")
 def textured_pairs():
     """12 grayscale pairs (rho 32) from 3 textured images, exactly as the builder makes them."""
-    rng = np.random.default_rng(11)
-    pairs = []
-    for image_id in range(3):
-        image = cv2.cvtColor(textured_image(rng, 320, 240), cv2.COLOR_BGR2GRAY)
-        pairs += geometry.generate_pairs(image, CONFIG, "validation", image_id)
-    return pairs
+    return conftest.textured_pairs(11, 3)
 
 
 def score(method, pairs):

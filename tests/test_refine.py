@@ -3,13 +3,12 @@ import os
 import subprocess
 import sys
 
-import cv2
 import numpy as np
 import pytest
 
 from model.estimators import classical, estimate, parallel, refine, registry
 from pipeline.dataset import geometry
-from tests.conftest import textured_image
+from tests import conftest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = geometry.PairConfig(patches_per_image=4)
@@ -18,12 +17,7 @@ CONFIG = geometry.PairConfig(patches_per_image=4)
 @pytest.fixture(scope="module")
 def pairs():
     """8 grayscale pairs (rho 32) of 2 smooth textured images, exactly as the builder makes them."""
-    rng = np.random.default_rng(21)
-    out = []
-    for image_id in range(2):
-        image = cv2.cvtColor(cv2.GaussianBlur(textured_image(rng, 320, 240), (0, 0), 1.5), cv2.COLOR_BGR2GRAY)
-        out += geometry.generate_pairs(image, CONFIG, "validation", image_id)
-    return out
+    return conftest.textured_pairs(21, 2, blur_sigma=1.5)
 
 
 def start_off_by(pair, pixels: float, seed: int) -> estimate.Estimate:
