@@ -1,1 +1,3 @@
-"""The homography estimators: identity, the classical methods (ORB, SIFT, ECC), the network and their chains."""
+"""The homography estimators, one place: estimate (what a method returns, plausibility), classical (identity,
+ORB, SIFT, ECC), learned (the network), refine (ECC from any start), registry (names and their grammar:
+X+ecc, X_or_Y, auto), parallel (per-pair work over a pool), photos (whole photos within stated bounds)."""
