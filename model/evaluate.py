@@ -160,6 +160,12 @@ def evaluate(data_dir: str, split: str, output_dir: str, *, model_dir: str | Non
         raise EvaluationError("--max_pairs, --num_visualizations and --workers must be >= 0")
     if batch_size < 1:
         raise EvaluationError(f"--batch_size must be >= 1, got {batch_size}")
+    from pipeline.runtime import outputs
+
+    try:  # a file, a folder that cannot be written: refused before any work (a report folder is reused)
+        outputs.check_output_dir(output_dir, must_be_empty=False)
+    except outputs.OutputError as e:
+        raise EvaluationError(str(e)) from None
     model, run = (None, None)
     if any(registry.needs_network(n) for n in names):
         model, run = load_network(model_dir, cfg.patch_size, cfg.channels)

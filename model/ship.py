@@ -197,6 +197,14 @@ def ship(model_dir: str, report_dir: str, ship_dir: str = network.SHIPPED_MODEL_
     config = network.read_config(model_dir)
     if config is None:
         raise ShipError(f"{model_dir} is not a finished training run (needs {network.CONFIG_FILE})")
+    from pipeline.runtime import outputs
+
+    try:  # ship_dir a file, or its folder read-only: one line, the shipped weights untouched
+        outputs.check_output_dir(os.path.dirname(os.path.abspath(ship_dir)), must_be_empty=False, flag="ship_dir's parent")
+        if os.path.lexists(ship_dir) and not os.path.isdir(ship_dir):
+            raise outputs.OutputError(f"ship_dir {ship_dir} exists and is not a folder")
+    except outputs.OutputError as e:
+        raise ShipError(str(e)) from None
     old = {}
     for kind, name in EVALUATION_FILES.items():
         path = os.path.join(ship_dir, name)

@@ -111,3 +111,15 @@ def test_ship_cli_refuses_what_is_not_a_run(tmp_path):
                            f"--ship_dir={tmp_path / 'w'}"], cwd=REPO, capture_output=True, text=True)
     assert done.returncode == 2 and "run python -m model.evaluate first" in done.stderr
     assert "Traceback" not in done.stderr and not (tmp_path / "w").exists()
+
+
+def test_ship_refuses_a_ship_dir_that_is_a_file_and_evaluate_an_output_that_is_one(run_dir, tmp_path, tiny_dataset):
+    d, reps, _ = run_dir
+    target = tmp_path / "weights_file"
+    target.write_text("not a folder")
+    with pytest.raises(ship.ShipError, match="is not a folder"):
+        ship.ship(str(d), str(reps["clean"]), str(target), camera_report_dir=str(reps["camera"]))
+    assert target.read_text() == "not a folder"
+    from model import evaluate
+    with pytest.raises(evaluate.EvaluationError, match="is not a folder"):
+        evaluate.evaluate(tiny_dataset, "validation", str(target), methods=["identity"])
