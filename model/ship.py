@@ -105,7 +105,8 @@ def data_text(config: dict) -> str:
         return (f"{s['num_examples']:,} training pairs: {s['images_used']} images of COCO {s['source_split']} x "
                 f"{info.config.patches_per_image} pairs each (seed {info.config.seed})")
     except (KeyError, ValueError):  # DatasetError is a ValueError: the dataset has moved or gone
-        return f"{config.get('train_examples')} training pairs from `{config.get('data_dir')}` (split `{split}`)"
+        return (f"{config.get('train_examples')} training pairs from `{shown_path(str(config.get('data_dir')))}` "
+                f"(split `{split}`)")
 
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
