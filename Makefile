@@ -39,6 +39,9 @@ build: sample
 	@echo "building the sample dataset in $(OUT) ..."
 	$(BIN)/python -m pipeline.build --coco_dir=$(SAMPLE) --output_dir=$(OUT) --overwrite --runner=DirectRunner \
 		--patches_per_image=$(DEMO_PAIRS) $(QUIET)
+	@echo "building the same pairs, each patch through its own camera change, in $(OUT)_camera ..."
+	$(BIN)/python -m pipeline.build --coco_dir=$(SAMPLE) --output_dir=$(OUT)_camera --overwrite --runner=DirectRunner \
+		--patches_per_image=$(DEMO_PAIRS) --photometric=camera $(QUIET)
 
 train: build
 	$(BIN)/python -m model.train --data_dir=$(OUT) --model_dir=$(RUN) --steps=$(DEMO_STEPS) --batch_size=16 \
@@ -54,11 +57,14 @@ evaluate-shipped: build
 	@echo "evaluating the shipped network and the classical methods, each with and without ECC refinement ..."
 	$(BIN)/python -m model.evaluate --data_dir=$(OUT) --split=validation --model_dir=$(WEIGHTS) \
 		--methods=$(DEMO_METHODS) --output_dir=$(REPORT)/shipped
+	@echo "the same on the camera pairs ..."
+	$(BIN)/python -m model.evaluate --data_dir=$(OUT)_camera --split=validation --model_dir=$(WEIGHTS) \
+		--methods=$(DEMO_METHODS) --output_dir=$(REPORT)/shipped_camera
 
 demo: evaluate-shipped
 	@echo
 	@echo "dataset: $(OUT) (index homography_index.json; a TFDS dataset directory)   shipped network: $(WEIGHTS)/CARD.md (how it was trained, COCO figures)"
-	@echo "report:  $(REPORT)/shipped/mace_report.md   (figures: $(REPORT)/shipped/*.png)"
+	@echo "reports: $(REPORT)/shipped/mace_report.md (clean pairs), $(REPORT)/shipped_camera/mace_report.md (camera pairs)"
 	@echo "train one yourself: make train (a short run) or BUILD_NOTES.md (the recipe behind the shipped weights)"
 
 test: setup
