@@ -20,24 +20,17 @@ def residuals(data_dir: str, split: str) -> dict:
     from pipeline.dataset import dataset_info, schema
 
     info = dataset_info.read(data_dir)
-    p = info.config.patch_size
-    recs = [r for b in records.batches(data_dir, split, 256) for r in
-            ({k: v[i] for k, v in b.items()} for i in range(len(b[schema.OFFSETS])))]
-    params = {}
-    for path in info.split(split).shard_files:  # the camera parameters: decoded per record (the batch reader skips them)
-        for data in records.iter_records(path):
-            r = schema.decode(data, p, info.config.channels)
-            params[(r[schema.IMAGE_ID], r[schema.PATCH_INDEX])] = (r[schema.PHOTOMETRIC_A], r[schema.PHOTOMETRIC_B])
+    p, c = info.config.patch_size, info.config.channels
+    recs = [schema.decode(data, p, c) for path in info.split(split).shard_files  # one pass, camera parameters kept
+            for data in records.iter_records(path)]
     out = {"right": [], "flipped": [], "other_b": []}
-    n = len(recs)
     for i, r in enumerate(recs):
-        pa, pb = params[(int(r[schema.IMAGE_ID]), int(r[schema.PATCH_INDEX]))]
-        o = recs[(i + 7) % n]
-        po = params[(int(o[schema.IMAGE_ID]), int(o[schema.PATCH_INDEX]))][1]
+        o = recs[(i + 7) % len(recs)]
         a, b, off = r[schema.PATCH_A], r[schema.PATCH_B], r[schema.OFFSETS]
+        pa, pb = r[schema.PHOTOMETRIC_A], r[schema.PHOTOMETRIC_B]
         out["right"].append(measure.camera_label_residual(a, b, off, pa, pb, p)[0])
         out["flipped"].append(measure.camera_label_residual(a, b, -off, pa, pb, p)[0])
-        out["other_b"].append(measure.camera_label_residual(a, o[schema.PATCH_B], off, pa, po, p)[0])
+        out["other_b"].append(measure.camera_label_residual(a, o[schema.PATCH_B], off, pa, o[schema.PHOTOMETRIC_B], p)[0])
     return {k: np.asarray(v) for k, v in out.items()}
 
 
