@@ -20,6 +20,8 @@ def residuals(data_dir: str, split: str) -> dict:
     from pipeline.dataset import dataset_info, schema
 
     info = dataset_info.read(data_dir)
+    if info.config.photometric != "camera":
+        raise SystemExit(f"bench.camera_residual: error: {data_dir} is not a --photometric=camera build")
     p, c = info.config.patch_size, info.config.channels
     recs = [schema.decode(data, p, c) for path in info.split(split).shard_files  # one pass, camera parameters kept
             for data in records.iter_records(path)]
