@@ -2,11 +2,14 @@
 import io
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import cv2
 import numpy as np
+import psutil
 import pytest
 import tensorflow as tf
 
@@ -256,3 +259,68 @@ def test_cli_prints_a_clear_error_without_traceback(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "pipeline.build", "--output_dir=x"], cwd=REPO,
                           capture_output=True, text=True, env=env)
     assert proc.returncode != 0 and "--coco_dir and --output_dir are required" in proc.stderr
+
+
+def _alive(procs, command=None):
+    """The processes still running (of those whose command line starts with `command`, if given)."""
+    found = []
+    for p in procs:
+        try:
+            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE and command in (None, *p.cmdline()[:1]):
+                found.append(p)
+        except psutil.NoSuchProcess:
+            pass
+    return found
+
+
+@pytest.mark.parametrize("when", ["starting", "writing"])
+def test_sigkilled_driver_takes_its_worker_processes_along(when, coco_mini, tmp_path):
+    """SIGKILL leaves the driver no cleanup: its worker processes (multi_processing) end themselves within
+    seconds. Beam's own workers, killed as they started, waited 2 x 60 s for the driver's channels. The
+    killed build leaves shard files and never an index; the same command with --overwrite then writes the
+    same bytes as a build that was never killed."""
+    out = tmp_path / "ds"
+    cmd = [sys.executable, "-m", "pipeline.build", f"--coco_dir={coco_mini}", f"--output_dir={out}",
+           "--splits=train=train2017", "--max_images=24", "--patches_per_image=40", "--num_shards=2",
+           "--direct_num_workers=2", "--direct_running_mode=multi_processing"]
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    with open(tmp_path / "stderr", "w") as err:
+        driver = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=err)
+    procs = {}
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            for p in psutil.Process(driver.pid).children(recursive=True):
+                procs.setdefault(p.pid, p)
+            workers = _alive(procs.values(), sys.executable)  # not Beam's `sh -c` around them
+            if len(workers) == 2 if when == "starting" else \
+                    out.exists() and any(".tfrecord-" in n and (out / n).stat().st_size for n in os.listdir(out)):
+                break
+            assert driver.poll() is None, (tmp_path / "stderr").read_text()[-2000:]  # ended before the kill
+            time.sleep(0.02)
+        else:
+            pytest.fail(f"no worker processes {when} within 60 s")
+        os.kill(driver.pid, signal.SIGKILL)
+        driver.wait()
+        killed = time.time()
+        while _alive(procs.values()) and time.time() - killed < 5:
+            time.sleep(0.1)
+        left = _alive(procs.values())
+        assert not left, f"{len(left)} worker processes outlived the driver by 5 s: {[p.cmdline() for p in left]}"
+    finally:  # only the processes started here
+        if driver.poll() is None:
+            driver.kill()
+            driver.wait()
+        for p in _alive(procs.values()):
+            p.kill()
+    names = set(os.listdir(out)) if out.exists() else set()
+    assert names <= {f"homography-train.tfrecord-0000{i}-of-00002" for i in range(2)}, names  # no index, no TFDS files
+    if when == "writing":
+        rerun = subprocess.run(cmd + ["--overwrite"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+        assert rerun.returncode == 0, rerun.stderr[-3000:]
+        build(coco_mini, str(tmp_path / "ref"), {"train": "train2017"}, PairConfig(patches_per_image=40),
+              max_images=24, num_shards=2, beam_args=DIRECT)
+        assert dataset_info.read(str(out)).raw["splits"] == dataset_info.read(str(tmp_path / "ref")).raw["splits"]
+        for name in sorted(os.listdir(tmp_path / "ref")):
+            if name.startswith(("homography-", "failed_images-")):
+                assert (out / name).read_bytes() == (tmp_path / "ref" / name).read_bytes(), name

@@ -12,8 +12,10 @@ worker cannot see are refused with one line (RunnerError). After it, the runner'
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging as std_logging
 import os
+import shlex
 import sys
 
 from absl import logging
@@ -71,8 +73,28 @@ def pipeline_runner(options: PipelineOptions):
     from apache_beam.runners.portability.portable_runner import JobServiceHandle
 
     encoded = JobServiceHandle.encode_pipeline_options(options.get_all_options())
-    return fn_runner.FnApiRunner(provision_info=fn_runner.ExtendedProvisionInfo(
+    return _fn_api_runner_class()(provision_info=fn_runner.ExtendedProvisionInfo(
         beam_provision_api_pb2.ProvisionInfo(pipeline_options=encoded)))
+
+
+@functools.cache
+def _fn_api_runner_class():
+    from apache_beam.portability import python_urns
+    from apache_beam.runners.portability.fn_api_runner import fn_runner
+
+    class FnApiRunner(fn_runner.FnApiRunner):
+        """Beam's, except that in multi_processing mode each worker process ends itself when the driver
+        is gone, SIGKILL included (pipeline.runtime.sdk_worker): with Beam's own command, workers
+        outlived a killed driver by up to 2 minutes. Same environment, only its command line differs."""
+
+        def run_via_runner_api(self, pipeline_proto, options):
+            beams = f"{sys.executable} -m apache_beam.runners.worker.sdk_worker_main".encode()
+            ours = f"exec {shlex.quote(sys.executable)} -m pipeline.runtime.sdk_worker {os.getpid()}".encode()
+            for env in pipeline_proto.components.environments.values():
+                if env.urn == python_urns.SUBPROCESS_SDK and env.payload == beams and os.name == "posix":
+                    env.payload = ours  # `sh -c`: exec makes the driver the worker's parent
+            return super().run_via_runner_api(pipeline_proto, options)
+    return FnApiRunner
 
 
 def is_dask(options: PipelineOptions) -> bool:
