@@ -45,8 +45,12 @@ def _write_one(task) -> tuple[dict, list]:
     return {"index": index, "file": file_name, "num_examples": count, "images_used": used}, failed
 
 
-def _init_worker():
+def _init_worker(driver_pid: int):
     import cv2
+
+    from pipeline.runtime.sdk_worker import exit_without_driver
+
+    exit_without_driver(driver_pid)  # a SIGKILLed driver must not leave workers writing shards
 
     cv2.setNumThreads(1)  # one shard per process already
 
@@ -67,7 +71,7 @@ def build(coco_dir: str, output_dir: str, splits: dict, config: PairConfig, *, n
     raw = shards.header(config, name, f"local ({workers} processes)", sys.argv, reduced_decode, started)
     raw["splits"] = {}
     # fork would copy a parent that may hold threads (a Keras/JAX process): spawn is the safe start.
-    with multiprocessing.get_context("spawn").Pool(workers, initializer=_init_worker) as pool:
+    with multiprocessing.get_context("spawn").Pool(workers, initializer=_init_worker, initargs=(os.getpid(),)) as pool:
         for split, (listing, source, source_split) in listings.items():
             n = num_shards or shards.auto_num_shards(len(listing), config)
             by_shard = [[] for _ in range(n)]

@@ -324,3 +324,39 @@ def test_sigkilled_driver_takes_its_worker_processes_along(when, coco_mini, tmp_
         for name in sorted(os.listdir(tmp_path / "ref")):
             if name.startswith(("homography-", "failed_images-")):
                 assert (out / name).read_bytes() == (tmp_path / "ref" / name).read_bytes(), name
+
+
+def test_sigkilled_local_build_takes_its_pool_along(coco_mini, tmp_path):
+    """pipeline.local_build's spawn pool: without the watchdog its workers finished the shard they held (and
+    could sit on the task queue) after a SIGKILL of the driver; with it they end within seconds."""
+    out = tmp_path / "ds"
+    cmd = [sys.executable, "-m", "pipeline.local_build", f"--coco_dir={coco_mini}", f"--output_dir={out}",
+           "--splits=train=train2017", "--patches_per_image=100", "--num_shards=4", "--workers=2"]
+    driver = subprocess.Popen(cmd, cwd=REPO, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    procs = {}
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            for p in psutil.Process(driver.pid).children(recursive=True):
+                procs.setdefault(p.pid, p)
+            if out.exists() and any(".tfrecord-" in n and (out / n).stat().st_size for n in os.listdir(out)):
+                break
+            assert driver.poll() is None, "the build ended before the kill"
+            time.sleep(0.02)
+        else:
+            pytest.fail("no shard written within 60 s")
+        os.kill(driver.pid, signal.SIGKILL)
+        driver.wait()
+        killed = time.time()
+        while _alive(procs.values(), sys.executable) and time.time() - killed < 5:
+            time.sleep(0.1)
+        left = [p for p in _alive(procs.values(), sys.executable) if "resource_tracker" not in " ".join(p.cmdline())]
+        assert not left, f"{len(left)} pool workers outlived the driver by 5 s"
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+            driver.wait()
+        for p in _alive(procs.values()):
+            p.kill()
+    assert not (out / "homography_index.json").exists()

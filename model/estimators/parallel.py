@@ -47,8 +47,11 @@ def _guarded(job: tuple) -> tuple:
         return False, f"{type(e).__name__}: {text[-1] if text else ''}"
 
 
-def _one_thread() -> None:
+def _one_thread(driver_pid: int) -> None:
+    from pipeline.runtime.sdk_worker import exit_without_driver
+
     cv2.setNumThreads(1)
+    exit_without_driver(driver_pid)  # a SIGKILLed model.evaluate must not leave its workers running
 
 
 def default_workers() -> int:
@@ -67,7 +70,8 @@ class Pool:
     def map(self, jobs: list) -> list:
         if self._executor is None:
             self._executor = concurrent.futures.ProcessPoolExecutor(
-                self.workers, mp_context=multiprocessing.get_context("spawn"), initializer=_one_thread)
+                self.workers, mp_context=multiprocessing.get_context("spawn"), initializer=_one_thread,
+                initargs=(os.getpid(),))
         chunk = max(1, len(jobs) // (4 * self.workers))
         try:
             return list(self._executor.map(_guarded, jobs, chunksize=chunk))

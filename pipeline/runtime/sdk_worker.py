@@ -6,6 +6,7 @@ logging channel and 60 s more for the control channel before giving up (~2 min o
 pipeline.runtime.runners starts it as `exec python -m pipeline.runtime.sdk_worker DRIVER_PID`: the
 exec makes the driver the worker's parent, so a parent PID that changes (the kernel reparents the
 orphan) means the driver is gone. A local subprocess of the driver only; remote runners never run this.
+pipeline.local_build's and model.evaluate's worker pools start the same watchdog (exit_without_driver).
 """
 import os
 import sys
