@@ -143,6 +143,12 @@ def _summary(name: str, errors: np.ndarray, c: _Collected) -> dict:
     return out
 
 
+# A batch's bounds (README, "What the commands promise"): --batch_size=1000000 on 65,536 pairs held them all and
+# passed 8 GiB. 128 pairs: twice the default; 64 MiB of patches: 10 pairs of 1024 px colour.
+MAX_BATCH = 128
+MAX_BATCH_BYTES = 64 << 20
+
+
 def evaluate(data_dir: str, split: str, output_dir: str, *, model_dir: str | None = None,
              methods: list | None = None, max_pairs: int = 0, num_visualizations: int = 6,
              batch_size: int = 64, log_every: int = 100, command: str | None = None, workers: int = 0) -> dict:
@@ -160,6 +166,11 @@ def evaluate(data_dir: str, split: str, output_dir: str, *, model_dir: str | Non
         raise EvaluationError("--max_pairs, --num_visualizations and --workers must be >= 0")
     if batch_size < 1:
         raise EvaluationError(f"--batch_size must be >= 1, got {batch_size}")
+    pair_bytes = 2 * cfg.patch_size ** 2 * cfg.channels
+    most = max(1, min(MAX_BATCH, MAX_BATCH_BYTES // pair_bytes))
+    if batch_size > most:  # a batch is read whole, made float32 and given to the network at once
+        raise EvaluationError(f"--batch_size {batch_size}: at most {most} pairs of {cfg.patch_size} px are read "
+                              f"at a time ({MAX_BATCH} pairs, {MAX_BATCH_BYTES >> 20} MiB of patches)")
     from pipeline.runtime import outputs
 
     try:  # a file, a folder that cannot be written: refused before any work (a report folder is reused)

@@ -209,6 +209,22 @@ def read_config(model_dir: str) -> dict | None:
     return config
 
 
+def footprint(architecture: str, patch_size: int, channels: int, dropout: bool = True, batchnorm: bool = True,
+              options: dict | None = None) -> tuple[int, int]:
+    """(values its layers compute for one example, weights) of the network model.train would build: what a
+    step holds per pair and per run (model.train's memory bound). Built on the side, never trained."""
+    options = {k: v for k, v in (options or {}).items() if k not in ("init_from", "freeze")}
+    model = build(architecture, patch_size, channels, dropout, batchnorm, options=options)
+
+    def values(layer) -> int:
+        inner = getattr(layer, "layers", None)
+        if inner:
+            return sum(values(sub) for sub in inner)
+        return int(np.prod(layer.output.shape[1:])) if not isinstance(layer, keras.layers.InputLayer) else 0
+
+    return values(model), model.count_params()
+
+
 # The smallest patch each network takes (and the multiple its patch size must be): the compact network's
 # stride-4 stem and three stride-2 stages bring a patch to P/32; HomographyNet's three 2x2 poolings to P/8.
 PATCH_NEEDS = {"homographynet": (8, 1), "compact": (32, 32), "mobilenetv2_towers": (32, 1)}

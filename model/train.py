@@ -103,10 +103,15 @@ def _check_args(a: dict) -> None:
 
 # Bounds on what one training job may hold in memory (README, "What the commands promise").
 MAX_BATCH_BYTES = 1 << 30     # one replica's batch of float32 inputs: 8,192 pairs of 128 px grayscale
-MAX_SHUFFLE_BYTES = 2 << 30   # the shuffle buffer's records: 65,536 pairs of 128 px grayscale
+MAX_SHUFFLE_BYTES = 1 << 30   # the shuffle buffer's records: 32,768 pairs of 128 px grayscale
+# The whole run, estimated before any work (bench/peak_memory.py measured the terms on this CPU, BUILD_NOTES):
+# the runtime, 16 bytes a weight (weights, gradients, two optimizer moments), the shuffle buffer's records, and
+# per pair of a step 4.2 bytes for each value the network computes (its layers' outputs) and each input value.
+MAX_TRAIN_BYTES = 4 << 30
+RUNTIME_BYTES = 800 << 20
 
 
-def _check_input(a: dict, train_cfg, replicas: int, init_from: str | None) -> None:
+def _check_input(a: dict, train_cfg, replicas: int, init_from: str | None, options: dict | None = None) -> None:
     """Refuses, before any work, what the data cannot feed or memory cannot hold: a batch larger than the
     training split or than MAX_BATCH_BYTES, a shuffle buffer over MAX_SHUFFLE_BYTES, a network that cannot
     take the data's patches, --init_from weights made for another network or other patches."""
@@ -125,6 +130,15 @@ def _check_input(a: dict, train_cfg, replicas: int, init_from: str | None) -> No
     if a["shuffle_buffer"] * pair_bytes > MAX_SHUFFLE_BYTES:
         raise TrainError(f"--shuffle_buffer {a['shuffle_buffer']} of {p} px pairs needs more than "
                          f"{MAX_SHUFFLE_BYTES >> 30} GiB; at most {MAX_SHUFFLE_BYTES // pair_bytes} at this patch size")
+    values, weights = network.footprint(a["architecture"], p, c, a["dropout"], a["batchnorm"], options)
+    fixed = RUNTIME_BYTES + 16 * weights + a["shuffle_buffer"] * pair_bytes
+    per_pair = 4.2 * (values + pair_bytes)
+    if fixed + a["batch_size"] * per_pair > MAX_TRAIN_BYTES:
+        most = max(0, int((MAX_TRAIN_BYTES - fixed) // per_pair))
+        raise TrainError(f"--batch_size {a['batch_size']} of {p} px pairs on the {a['architecture']} network "
+                         f"({values:,} values a pair) with --shuffle_buffer {a['shuffle_buffer']} needs about "
+                         f"{(fixed + a['batch_size'] * per_pair) / 2**30:.1f} GiB, more than the "
+                         f"{MAX_TRAIN_BYTES / 2**30:g} GiB allowed; at most {most} pairs a step with this buffer")
     if init_from:
         source = _read_config(init_from)
         theirs = (source.get("architecture"), source.get("patch_size"), source.get("channels"))
@@ -199,7 +213,7 @@ def train(data_dir: str, model_dir: str, *, step_hook=None, architecture_options
               "jit_compile": True if keras.backend.backend() == "jax" else bool(a["jit_compile"]),
               "architecture_options": dict(architecture_options or {})}
     _check_model_dir(model_dir, config)
-    _check_input(a, train_cfg, replicas, init_from)
+    _check_input(a, train_cfg, replicas, init_from, architecture_options)
     with outputs.writing(model_dir, "create"):
         os.makedirs(model_dir, exist_ok=True)
     try:

@@ -288,3 +288,20 @@ def test_dataflow_job_graph_builds(built_dataset, tmp_path):
     for step in ("ReadShards/Read", "MeasurePairs/Measure", "SplitStatistics/Combine", "ResidualQuantiles/Quantiles",
                  "PairsPerImage/Counts", "Leakage/Summarize", "Duplicates/Summarize", "WriteRaw"):
         assert step in names, step
+
+
+def test_position_heat_map_is_bounded_at_the_largest_geometry():
+    """Issue 24: one cell per pixel at 8192 px images was 7,105 x 7,105 int64 an accumulator (the audit passed
+    6 GB); cells now span several pixels there, and stay one pixel at the default geometry."""
+    small = statistics.SplitStatsFn(geometry.PairConfig(), 1.0).create_accumulator()["positions"]
+    assert small.shape == (240 - 128 - 64 + 1, 320 - 128 - 64 + 1)
+    big = geometry.PairConfig(image_width=8192, image_height=8192, patch_size=1024, channels=3, patches_per_image=85)
+    fn = statistics.SplitStatsFn(big, 1.0)
+    acc = fn.create_accumulator()
+    assert acc["positions"].shape == (254, 254) and statistics.position_step(big) == 28  # 7,105 px / 28
+    last = 8192 - 1024 - 32  # the largest top-left coordinate
+    summary = {"image_id": 1, "patch_index": 0, "offsets": np.zeros(8), "top_left": np.array([last, 32.0]),
+               "corner_problem": None, "offset_problem": None, "image": np.ones(4) * 50, "residual": 0.0,
+               "valid_share": 1.0, "pixels": np.zeros((2, 256), np.int64)}
+    acc = fn.add_input(acc, summary)
+    assert acc["positions"][0, 253] == 1 and fn.extract_output(acc)["positions_step"] == 28

@@ -128,6 +128,13 @@ def tiny_run(built_dataset, tmp_path_factory):
     return run
 
 
+def test_batches_are_bounded_before_any_work(built_dataset, tmp_path):
+    """Issue 24: --batch_size=1000000 read a whole split at once (65,536 pairs: past 8 GiB); now refused."""
+    with pytest.raises(evaluate.EvaluationError, match=r"--batch_size 1000000: at most 128 pairs of \d+ px"):
+        evaluate.evaluate(built_dataset, "validation", str(tmp_path / "r"), methods=["identity"], batch_size=10**6)
+    assert not os.path.exists(tmp_path / "r")
+
+
 def test_network_is_evaluated_batched(built_dataset, tiny_run, tmp_path):
     from model import network
     from model.estimators import learned

@@ -295,3 +295,24 @@ def test_smoke_on_the_real_sequence(tmp_path):
     assert report["num_pairs"] == 5 and report["sequences"]["boat"]["layout"] == "oxford"
     assert all(p["direction_check"]["verdict"] in ("ok", "inconclusive") for p in report["pairs"])
     assert "report:" in proc.stdout
+
+
+def test_pair_figure_shows_a_large_photo_downscaled_over_its_own_pixels(tmp_path, monkeypatch):
+    """Issue 24: matplotlib made an RGBA float copy of a 100 MP image k (evaluate_real passed 5 GB, bench/
+    peak_memory.py); the figure now shows it at most FIGURE_SIDE px long, placed over image k's pixels."""
+    import matplotlib.axes
+
+    from model.evaluation import real_report
+
+    path = str(tmp_path / "img2.png")
+    cv2.imwrite(path, np.full((2000, 4000), 128, np.uint8))
+    shown = []
+    original = matplotlib.axes.Axes.imshow
+    monkeypatch.setattr(matplotlib.axes.Axes, "imshow",
+                        lambda ax, image, **kw: shown.append((image.shape, kw.get("extent"))) or original(ax, image, **kw))
+    pair = {"image_k": path, "size_1": [4000, 2000], "size_k": [4000, 2000], "sequence": "big", "k": 2,
+            "true_homography": np.eye(3).tolist(),
+            "methods": {"identity": {"homography": np.eye(3).tolist(), "error": 0.0, "ok": True}}}
+    real_report.pair_figure(pair, str(tmp_path / "fig.png"))
+    assert shown == [((800, 1600), (-0.5, 3999.5, 1999.5, -0.5))]
+    assert os.path.getsize(tmp_path / "fig.png") > 0

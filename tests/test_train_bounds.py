@@ -24,13 +24,30 @@ def test_batches_and_buffers_are_bounded_before_any_work(tiny_dataset, tmp_path,
     assert proc.returncode == 2
     assert "--batch_size 1000000 (x 1 replicas) is larger than the 32 pairs of split 'train'" in \
         error_line(proc, "model.train")
-    with pytest.raises(train.TrainError, match="--shuffle_buffer 100000000 of 32 px pairs needs more than 2 GiB; "
-                                               "at most 1048576"):
+    with pytest.raises(train.TrainError, match="--shuffle_buffer 100000000 of 32 px pairs needs more than 1 GiB; "
+                                               "at most 524288"):
         train.train(tiny_dataset, str(tmp_path / "run"), steps=2, **dict(FAST, shuffle_buffer=10**8))
     assert not os.path.exists(tmp_path / "run")
     monkeypatch.setattr(train, "MAX_BATCH_BYTES", 8 * 32 * 32 * 2 * 4)  # room for 8 pairs a step, not 16
     with pytest.raises(train.TrainError, match="--batch_size 16 of 32 px pairs .* at most 8 at this patch size"):
         train.train(tiny_dataset, str(tmp_path / "run"), steps=2, **dict(FAST, batch_size=16))
+
+
+def test_a_step_whose_activations_memory_cannot_hold_is_refused(tiny_dataset, tmp_path, monkeypatch):
+    """Issue 24: --batch_size=8192 of 128 px pairs passed the input bound yet its activations passed 8 GiB
+    (bench/peak_memory.py); the estimate counts what the network computes per pair and the shuffle buffer."""
+    values, weights = network.footprint("compact", 32, 1)
+    assert network.footprint("compact", 256, 1)[0] > 60 * values  # what a pair costs grows with its area
+    assert network.footprint("homographynet", 128, 1)[0] > 20 * network.footprint("compact", 128, 1)[0]
+    per_pair = 4.2 * (values + 32 * 32 * 2)
+    room = int(train.RUNTIME_BYTES + 16 * weights + 10 * 32 * 32 * 2 + 8 * per_pair) + 1
+    monkeypatch.setattr(train, "MAX_TRAIN_BYTES", room)  # 8 pairs a step fit beside 10 buffered, 16 do not
+    with pytest.raises(train.TrainError, match=r"--batch_size 16 of 32 px pairs on the compact network .* "
+                                               r"with --shuffle_buffer 10 needs about .* at most 8 pairs a step"):
+        train.train(tiny_dataset, str(tmp_path / "run"), steps=2, **dict(FAST, batch_size=16, shuffle_buffer=10))
+    assert not os.path.exists(tmp_path / "run")
+    train.train(tiny_dataset, str(tmp_path / "run"), steps=1, **dict(FAST, batch_size=8, shuffle_buffer=10))
+    assert os.path.exists(tmp_path / "run" / "config.json")
 
 
 def test_rho_0_and_out_of_bounds_geometry_are_refused_at_build_time(tmp_path):

@@ -14,6 +14,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only, never a display
 import matplotlib.pyplot as plt  # noqa: E402
+import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 
 from model.evaluation import real_pairs  # noqa: E402
@@ -115,13 +116,21 @@ def error_curves(report: dict, path: str) -> None:
     plt.close(fig)
 
 
+FIGURE_SIDE = 1600  # the long side of image k in a pair's figure (the figure itself is 560 x 480 px)
+
+
 def pair_figure(pair: dict, path: str) -> None:
     """Image k with image 1's outline mapped in by the truth (dashed green) and by each method."""
     image = real_pairs.read_gray(pair["image_k"])
     c = image_corners(pair["size_1"])
     wk, hk = pair["size_k"]
     fig, ax = plt.subplots(figsize=(7, 6))
-    ax.imshow(image, cmap="gray", vmin=0, vmax=255)
+    # Shown at most FIGURE_SIDE px long, placed over image k's own pixels (matplotlib makes an RGBA float copy of
+    # what it shows: a 100 MP photo shown whole took the command past 5 GB).
+    s = min(1.0, FIGURE_SIDE / max(image.shape))
+    if s < 1:
+        image = cv2.resize(image, (max(1, round(wk * s)), max(1, round(hk * s))), interpolation=cv2.INTER_AREA)
+    ax.imshow(image, cmap="gray", vmin=0, vmax=255, extent=(-0.5, wk - 0.5, hk - 0.5, -0.5))
     # The truth last and dashed: the estimates that match it show through its gaps.
     outlines = [(n, np.array(r["homography"]), "-", 1.5) for n, r in pair["methods"].items()]
     outlines += [("true", np.array(pair["true_homography"]), "--", 2.0)]

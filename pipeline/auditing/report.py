@@ -263,16 +263,19 @@ def plots(split: str, stats: dict, config, output_dir: str) -> list:
     names.append(_save(fig, output_dir, f"offsets-{split}.png"))
     plt.close(fig)
     # positions: top-left heat map and the patch coverage it implies
-    pos = np.asarray(stats["positions"])
-    cover = np.zeros((config.image_height, config.image_width))
+    # (cells of `step` px a side, statistics.MAX_POSITION_CELLS at most: the coverage is drawn at that scale)
+    pos, step = np.asarray(stats["positions"]), int(stats.get("positions_step", 1))
+    cover = np.zeros((-(-config.image_height // step), -(-config.image_width // step)))
     for (yy, xx) in zip(*np.nonzero(pos)):
-        cover[yy + rho:yy + rho + p, xx + rho:xx + rho + p] += pos[yy, xx]
+        y0, x0 = (yy * step + rho) // step, (xx * step + rho) // step
+        cover[y0:(yy * step + rho + p - 1) // step + 1, x0:(xx * step + rho + p - 1) // step + 1] += pos[yy, xx]
     fig, axes = plt.subplots(1, 2, figsize=(13, 4))
     im = axes[0].imshow(pos, origin="upper", cmap="viridis", aspect="auto",
-                        extent=(rho - 0.5, rho + pos.shape[1] - 0.5, rho + pos.shape[0] - 0.5, rho - 0.5))
+                        extent=(rho - 0.5, rho + pos.shape[1] * step - 0.5, rho + pos.shape[0] * step - 0.5, rho - 0.5))
     axes[0].set_title("top-left (x, y) of patch A: pairs per pixel")
     fig.colorbar(im, ax=axes[0])
-    im = axes[1].imshow(cover, cmap="magma")
+    im = axes[1].imshow(cover, cmap="magma", extent=(-0.5, cover.shape[1] * step - 0.5, cover.shape[0] * step - 0.5,
+                                                     -0.5))
     axes[1].set_title(f"patch A coverage of the {config.image_width}x{config.image_height} image")
     fig.colorbar(im, ax=axes[1])
     names.append(_save(fig, output_dir, f"positions-{split}.png"))

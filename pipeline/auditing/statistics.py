@@ -110,6 +110,22 @@ class Failures:
         return {"count": self.count, "examples": [list(e) for e in self.examples]}
 
 
+# The top-left heat map has at most this many cells a side: one cell per pixel up to it (the default 320 x 240
+# geometry: 129 x 49), else cells of `position_step` px. Per pixel at 8192 px images it was 7,105 x 7,105 int64
+# (400 MB an accumulator, copied by every merge and written out as JSON): the audit of such a build passed 6 GB.
+MAX_POSITION_CELLS = 256
+
+
+def position_step(c: geometry.PairConfig) -> int:
+    """Pixels a heat map cell spans on each axis (1 when the positions fit MAX_POSITION_CELLS)."""
+    span = max(c.image_width, c.image_height) - c.patch_size - 2 * c.rho + 1
+    return max(1, -(-span // MAX_POSITION_CELLS))
+
+
+def position_cells(side: int, c: geometry.PairConfig, step: int) -> int:
+    return max(1, -(-(side - c.patch_size - 2 * c.rho + 1) // step))
+
+
 class SplitStatsFn(beam.CombineFn):
     """Every per-split statistic of the pair summaries in one flat-memory accumulator."""
 
@@ -119,7 +135,8 @@ class SplitStatsFn(beam.CombineFn):
 
     def create_accumulator(self):
         c = self._config
-        nx, ny = c.image_width - c.patch_size - 2 * c.rho + 1, c.image_height - c.patch_size - 2 * c.rho + 1
+        step = position_step(c)
+        nx, ny = position_cells(c.image_width, c, step), position_cells(c.image_height, c, step)
         return {
             "offsets": Moments(8), "offset_hist": Histogram(8, np.linspace(-c.rho, c.rho, OFFSET_BINS + 1)),
             "top_left": Moments(2), "positions": np.zeros((max(ny, 1), max(nx, 1)), np.int64),
@@ -134,7 +151,8 @@ class SplitStatsFn(beam.CombineFn):
         acc["offset_hist"].add(s["offsets"])
         acc["top_left"].add(s["top_left"])
         if s["corner_problem"] is None:
-            acc["positions"][int(s["top_left"][1]) - c.rho, int(s["top_left"][0]) - c.rho] += 1
+            step = position_step(c)
+            acc["positions"][(int(s["top_left"][1]) - c.rho) // step, (int(s["top_left"][0]) - c.rho) // step] += 1
         else:
             acc["margins"].add(key + (s["corner_problem"],))
         if s.get("photometric_problem") is not None:
@@ -168,6 +186,7 @@ class SplitStatsFn(beam.CombineFn):
         out["residual_threshold"] = self._threshold
         out["residual_unit"] = RESIDUAL_UNITS[self._config.photometric]
         out["near_constant_std"] = NEAR_CONSTANT_STD
+        out["positions_step"] = position_step(self._config)
         return out
 
 
