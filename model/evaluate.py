@@ -38,7 +38,7 @@ IDENTITY_MACE_PER_RHO = 0.765  # E|u - 0| over the square [-1, 1]^2: the identit
 
 # What a report folder holds: an earlier report may be replaced, any other non-empty folder is refused.
 REPORT_FILES = (report_lib.JSON_FILE, report_lib.MARKDOWN_FILE, report_lib.BAR_FILE, report_lib.HISTOGRAM_FILE,
-                "pair_*.png")
+                "pair_*.png", "*/" + report_lib.JSON_FILE)  # make demo's reports/sample/shipped beside one
 
 
 class EvaluationError(ValueError):

@@ -162,6 +162,7 @@ def test_outputs_are_never_the_inputs_nor_a_folder_of_another_kind(tmp_path):
             outputs.check_output_dir(str(path), overwrite=True, inputs={"coco_dir": str(source)})
     with pytest.raises(outputs.OutputError, match=r"holds none of config.json: it is not this command's folder"):
         outputs.check_output_dir(str(source), must_be_empty=False, reuse_if=("config.json",))
+    outputs.check_output_dir(str(source), must_be_empty=False, reuse_if=("*/1.jpg",))  # one level down too
     (source / "config.json").write_text("{}")
     outputs.check_output_dir(str(source), must_be_empty=False, reuse_if=("config.json",))
     outputs.check_output_dir(str(tmp_path / "elsewhere"), overwrite=True, inputs={"coco_dir": str(source)})

@@ -3,7 +3,8 @@ on: pipeline.reader (and the Keras / PyTorch adapters through it), model.trainin
 the audit all read the index through dataset_info.read, which calls check_index; DatasetInfo.split adds
 check_split_total (the audit reports a disagreeing total as its split_counts check instead).
 
-  geometry   whole numbers (never truncated), PairConfig.validate's bounds: patch_size 1..1024, channels 1 or 3, rho >= 1, the patch and
+  geometry   whole numbers (never truncated), PairConfig.validate's bounds: patch_size 1..1024, channels 1
+             or 3, rho >= 1, the patch and
              its margins inside an image of sides up to 8192
   counts     every split's num_examples and every shard's count a whole number >= 0, and a split's
              num_examples the sum of its shards' counts

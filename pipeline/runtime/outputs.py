@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fnmatch
+import glob
 import os
 import sys
 import tempfile
@@ -99,7 +100,7 @@ def check_output_dir(path: str, *, overwrite: bool = False, must_be_empty: bool 
     """Refuses (OutputError, one line) a local output folder that cannot be used; changes nothing.
 
     must_be_empty=False for folders that are reused on purpose (model.train's run directory, a report
-    folder); reuse_if then names (glob patterns) what such a folder holds: a non-empty folder with none of
+    folder); reuse_if then names (glob patterns below it, 'sub/x' too) what it holds: a non-empty folder with none of
     them is another's (a COCO folder, a dataset) and is refused. inputs: see check_apart."""
     if not path:
         raise OutputError(f"--{flag} is empty")
@@ -119,7 +120,7 @@ def check_output_dir(path: str, *, overwrite: bool = False, must_be_empty: bool 
     except OSError as e:
         raise OutputError(f"{flag} {path} cannot be read: {_reason(e)}") from None
     if entries and not must_be_empty and reuse_if and \
-            not any(fnmatch.filter(entries, pattern) for pattern in reuse_if):
+            not any(glob.glob(os.path.join(glob.escape(path), pattern)) for pattern in reuse_if):
         raise OutputError(f"{flag} {path} is not empty and holds none of {', '.join(reuse_if)}: it is not this "
                           f"command's folder; choose an empty one")
     if entries and must_be_empty and not overwrite:
