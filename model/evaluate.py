@@ -36,6 +36,11 @@ DEFAULT_CLASSICAL = ("identity", "orb", "sift", "ecc")  # orb_default is on requ
 IDENTITY_MACE_PER_RHO = 0.765  # E|u - 0| over the square [-1, 1]^2: the identity's MACE is 0.765 * rho
 
 
+# What a report folder holds: an earlier report may be replaced, any other non-empty folder is refused.
+REPORT_FILES = (report_lib.JSON_FILE, report_lib.MARKDOWN_FILE, report_lib.BAR_FILE, report_lib.HISTOGRAM_FILE,
+                "pair_*.png", "*/" + report_lib.JSON_FILE)  # make demo's reports/sample/shipped beside one
+
+
 class EvaluationError(ValueError):
     """An evaluation that cannot run; the message names the problem."""
 
@@ -160,7 +165,8 @@ def evaluate(data_dir: str, split: str, output_dir: str, *, model_dir: str | Non
     """
     from model.training import data
 
-    names = check_methods(list(methods) if methods else default_methods(bool(model_dir)), bool(model_dir))
+    # None: the defaults; an empty --methods= is refused by check (never silently the defaults)
+    names = check_methods(list(methods) if methods is not None else default_methods(bool(model_dir)), bool(model_dir))
     cfg = data.dataset_config(data_dir, split)
     if max_pairs < 0 or num_visualizations < 0 or workers < 0:
         raise EvaluationError("--max_pairs, --num_visualizations and --workers must be >= 0")
@@ -174,7 +180,8 @@ def evaluate(data_dir: str, split: str, output_dir: str, *, model_dir: str | Non
     from pipeline.runtime import outputs
 
     try:  # a file, a folder that cannot be written: refused before any work (a report folder is reused)
-        outputs.check_output_dir(output_dir, must_be_empty=False)
+        outputs.check_output_dir(output_dir, must_be_empty=False, inputs={"data_dir": data_dir},
+                                 reuse_if=REPORT_FILES)
     except outputs.OutputError as e:
         raise EvaluationError(str(e)) from None
     model, run = (None, None)

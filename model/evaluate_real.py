@@ -108,6 +108,12 @@ def evaluate_real(pairs_dir: str, output_dir: str, *, methods: list | None = Non
         raise RealPairsError(f"direction_check must be one of {', '.join(DIRECTION_MODES)}, got '{direction_check}'")
     if os.path.exists(output_dir) and not os.path.isdir(output_dir):
         raise RealPairsError(f"output_dir {output_dir} is a file, not a folder")
+    from pipeline.runtime import outputs
+
+    try:  # the report written into the photographs' own folder would mix with them
+        outputs.check_apart(output_dir, {"pairs_dir": pairs_dir})
+    except outputs.OutputError as e:
+        raise RealPairsError(str(e)) from None
     names, model_dir = resolve_methods(methods, model_dir)
     sequences = real_pairs.discover(pairs_dir)  # every folder read and checked before any work
     directions = check_directions(sequences, direction_check)

@@ -22,6 +22,7 @@ never the binding to RUN.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -37,16 +38,39 @@ RULE = ("lower mean MACE of the network on one of the two standard sets (clean, 
 CARD_FILE = "CARD.md"
 MAX_WEIGHTS_BYTES = 10 * 2**20  # DESIGN.md: shipped weights stay small enough to clone
 COPIED = ("history.csv", "mace.png")
+SHIPPED_FILES = (network.MODEL_FILE, CARD_FILE, *EVALUATION_FILES.values())  # what a ship_dir holds
 
 
 class ShipError(ValueError):
     """The run cannot be shipped; the message says why."""
 
 
-def _read_report(report_dir: str, model_dir: str) -> dict:
-    """The evaluation report in report_dir, refused unless it scored model_dir's own weights."""
+def _mace(report: dict, path: str) -> float:
+    """The network's mean MACE of a report: a finite number >= 0, else ShipError (NaN or a string would
+    compare as never better or crash the gate; a negative one as always better)."""
+    value = report["methods"]["network"]["mean_mace"]
+    if type(value) not in (int, float) or not math.isfinite(value) or value < 0:
+        raise ShipError(f"{path}: the network's mean MACE is {value!r}, not a number of pixels >= 0")
+    return value
+
+
+def _same_data(d: dict, config: dict) -> bool:
+    """Whether a report's dataset is the run's training data: the same folder, or (a copy) the same split
+    size and geometry."""
+    if config.get("data_dir") and os.path.realpath(str(d.get("data_dir"))) == os.path.realpath(config["data_dir"]):
+        return True
+    keys = ("rho", "patch_size", "image_width", "image_height")
+    return d.get("num_examples") == config.get("train_examples") and \
+        all((d.get("config") or {}).get(k) == config.get(k) for k in keys)
+
+
+def _read_report(report_dir: str, model_dir: str, kind: str = "clean", config: dict | None = None) -> dict:
+    """The evaluation report in report_dir, refused unless model.evaluate wrote it as it is (its seal), it
+    scored model_dir's own weights, on pairs of the kind expected (clean: --photometric=none, camera:
+    --photometric=camera) and not on the run's own training split."""
     from model.evaluation import report as report_lib
     from model.training import run_dir
+    from pipeline.dataset import photometric
 
     path = os.path.join(report_dir, report_lib.JSON_FILE)
     if not os.path.exists(path):
@@ -55,9 +79,25 @@ def _read_report(report_dir: str, model_dir: str) -> dict:
         with open(path) as f:
             report = json.load(f)
         report["methods"]["network"]["mean_mace"], report["dataset"]["config"]
-    except (ValueError, KeyError, TypeError) as e:
+        pairs = photometric.model_name(report["dataset"]["config"].get("photometric"))
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise ShipError(f"{path} is not an evaluation report with a 'network' method "
                         f"({type(e).__name__}: {e}): evaluate with --model_dir") from None
+    if report.get(report_lib.SEAL) != report_lib.seal(report):
+        raise ShipError(f"{path} is not as model.evaluate wrote it (its {report_lib.SEAL} does not match its "
+                        f"content: edited, or written before reports were sealed): evaluate the run again")
+    _mace(report, path)
+    wanted = "none" if kind == "clean" else "camera"
+    if pairs != wanted:
+        raise ShipError(f"{path} scored --photometric={pairs} pairs, the {kind} report needs --photometric={wanted} "
+                        f"pairs: pass each report to its own flag (--report_dir clean, --camera_report_dir camera)")
+    d = report["dataset"]
+    if d.get("num_examples") not in (None, report.get("num_pairs")):  # --max_pairs: a part of the set
+        raise ShipError(f"{path} scored {report.get('num_pairs')} of the {d['num_examples']} pairs of split "
+                        f"'{d.get('split')}' (--max_pairs): evaluate the whole split")
+    if config and d.get("split") == config.get("train_split", "train") and _same_data(d, config):
+        raise ShipError(f"{path} scored split '{d['split']}' of {d['data_dir']}, the pairs {model_dir} trained on: "
+                        f"evaluate on validation pairs it never saw")
     if not os.path.exists(os.path.join(model_dir, network.MODEL_FILE)):
         raise ShipError(f"{model_dir} is not a finished training run (no {network.MODEL_FILE})")
     digest = (report.get("model") or {}).get("weights_sha256")
@@ -79,7 +119,7 @@ def decide(new: dict, old: dict, force: bool = False) -> tuple[bool, str]:
     missing = [k for k in old if k not in new]
     if missing:
         return False, f"the shipped weights were scored on the {', '.join(missing)} set too: evaluate the run there"
-    figures = {k: (new[k]["methods"]["network"]["mean_mace"], old[k]["methods"]["network"]["mean_mace"]) for k in old}
+    figures = {k: (_mace(new[k], f"the {k} report"), _mace(old[k], f"the shipped {k} report")) for k in old}
     text = "; ".join(f"{k}: {n} px against the shipped {o} px" for k, (n, o) in figures.items())
     if force:
         return True, f"--force ({text})"
@@ -192,10 +232,17 @@ def ship(model_dir: str, report_dir: str, ship_dir: str = network.SHIPPED_MODEL_
     """Ships model_dir's network into ship_dir if it is better (see decide); returns (shipped?, why)."""
     import keras
 
-    reports = {"clean": _read_report(report_dir, model_dir)}
+    try:
+        config = network.read_config(model_dir)
+        history_path = os.path.join(model_dir, "history.json")
+        history = json.load(open(history_path)) if os.path.exists(history_path) else []
+        if not isinstance(config, (dict, type(None))) or not isinstance(history, list):
+            raise ValueError("not a run's")
+    except ValueError as e:  # RunConfigError is one; a history.json cut short too
+        raise ShipError(f"{model_dir} is not a readable training run: {e}") from None
+    reports = {"clean": _read_report(report_dir, model_dir, "clean", config)}
     if camera_report_dir:
-        reports["camera"] = _read_report(camera_report_dir, model_dir)
-    config = network.read_config(model_dir)
+        reports["camera"] = _read_report(camera_report_dir, model_dir, "camera", config)
     if config is None:
         raise ShipError(f"{model_dir} is not a finished training run (needs {network.CONFIG_FILE})")
     from pipeline.runtime import outputs
@@ -204,6 +251,12 @@ def ship(model_dir: str, report_dir: str, ship_dir: str = network.SHIPPED_MODEL_
         outputs.check_output_dir(os.path.dirname(os.path.abspath(ship_dir)), must_be_empty=False, flag="ship_dir's parent")
         if os.path.lexists(ship_dir) and not os.path.isdir(ship_dir):
             raise outputs.OutputError(f"ship_dir {ship_dir} exists and is not a folder")
+        if os.path.islink(ship_dir):  # the swap below would replace the link, or rmtree refuse it
+            raise outputs.OutputError(f"ship_dir {ship_dir} is a link: name the folder itself")
+        # ship_dir is replaced whole: never a folder of something else (a dataset, COCO, the run itself)
+        outputs.check_output_dir(ship_dir, must_be_empty=False, flag="ship_dir", reuse_if=SHIPPED_FILES,
+                                 inputs={"model_dir": model_dir, "report_dir": report_dir,
+                                         "camera_report_dir": camera_report_dir})
     except outputs.OutputError as e:
         raise ShipError(str(e)) from None
     old = {}
@@ -220,8 +273,6 @@ def ship(model_dir: str, report_dir: str, ship_dir: str = network.SHIPPED_MODEL_
     if not replace:
         return False, why
     report = reports["clean"]
-    history_path = os.path.join(model_dir, "history.json")
-    history = json.load(open(history_path)) if os.path.exists(history_path) else []
     # Written beside ship_dir, then swapped in: a failure leaves the shipped weights as they were.
     parent = os.path.dirname(os.path.abspath(ship_dir))
     os.makedirs(parent, exist_ok=True)

@@ -29,6 +29,7 @@ at step 2, then collapsed to the mean); the distance has a bounded gradient and 
 """
 from __future__ import annotations
 
+import math
 import os
 import signal
 import sys
@@ -80,6 +81,9 @@ def _check_args(a: dict) -> None:
         raise TrainError(f"unknown --optimizer '{a['optimizer']}'; known: {', '.join(OPTIMIZERS)}")
     if a["loss"] not in LOSSES:
         raise TrainError(f"unknown --loss '{a['loss']}'; known: {', '.join(LOSSES)}")
+    for k in ("learning_rate", "momentum", "lr_decay_factor", "clip_norm", "max_minutes", "photometric_share"):
+        if not math.isfinite(a[k]):  # NaN passes every comparison below; inf trains nothing useful
+            raise TrainError(f"--{k} must be a finite number, got {a[k]}")
     if a["clip_norm"] < 0:
         raise TrainError(f"--clip_norm must be >= 0 (0 = off), got {a['clip_norm']}")
     if a["learning_rate"] <= 0 or not 0 <= a["momentum"] < 1 or not 0 < a["lr_decay_factor"] <= 1:
@@ -99,6 +103,10 @@ def _check_args(a: dict) -> None:
     for flag, on in (("augment", a["augment"]), ("photometric", a["photometric"] != "none")):
         if on and tf_data:
             raise TrainError(f"--{flag} runs on the TensorFlow-free reader: add --reader=records")
+
+
+# What a run directory holds from its first moment on (the lock, then config.json and checkpoints).
+RUN_FILES = (run_dir.LOCK_FILE, network.CONFIG_FILE, run_dir.CHECKPOINT_DIR, network.MODEL_FILE)
 
 
 # Bounds on what one training job may hold in memory (README, "What the commands promise").
@@ -188,8 +196,15 @@ def train(data_dir: str, model_dir: str, *, step_hook=None, architecture_options
     a = {**DEFAULTS, **kwargs}
     _check_args(a)
     # a file, or a folder that cannot be written (read-only filesystem): one line before any work
-    outputs.check_output_dir(model_dir, must_be_empty=False, flag="model_dir")
-    init_from = (architecture_options or {}).get("init_from")
+    # (reused when it holds a run: that is how it resumes; any other non-empty folder is not a run's)
+    outputs.check_output_dir(model_dir, must_be_empty=False, flag="model_dir", inputs={"data_dir": data_dir},
+                             reuse_if=RUN_FILES)
+    options = architecture_options or {}
+    if "bn_momentum" in options and not 0 <= options["bn_momentum"] < 1:  # NaN fails this too
+        raise TrainError(f"--bn_momentum must be in [0, 1), got {options['bn_momentum']}")
+    if "width" in options and not (type(options["width"]) is int and options["width"] >= 1):
+        raise TrainError(f"--compact_width must be a whole number >= 1, got {options['width']}")
+    init_from = options.get("init_from")
     if init_from and (_read_config(init_from) is None
                       or not os.path.exists(os.path.join(init_from, network.MODEL_FILE))):
         raise TrainError(f"--init_from {init_from} is not a finished training run (needs {network.CONFIG_FILE} and "

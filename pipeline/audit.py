@@ -137,7 +137,7 @@ def audit(data_dir: str, output_dir: str, *, residual_threshold: float | None = 
     runners.set_default_runner(options)  # DirectRunner unless named (run on Beam's FnApiRunner, never Prism)
     dry_run = options.view_as(TestOptions).dry_run
     if not dry_run:  # a file, a non-empty folder, one that cannot be written: refused before anything is touched
-        outputs.check_output_dir(output_dir, overwrite=overwrite)
+        outputs.check_output_dir(output_dir, overwrite=overwrite, inputs={"data_dir": data_dir})
     started = time.time()
     try:
         with runners.session(options, worker_paths=[p for p in (data_dir, outputs.nearest_existing(output_dir))

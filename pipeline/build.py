@@ -76,7 +76,7 @@ def build(coco_dir: str, output_dir: str, splits: dict, config: PairConfig, *, n
     dry_run = options.view_as(TestOptions).dry_run
     if not dry_run and not dataset_info.is_remote(output_dir):
         try:  # refused before the job and before anything there is touched (removals come in _run)
-            outputs.check_output_dir(output_dir, overwrite=overwrite)
+            outputs.check_output_dir(output_dir, overwrite=overwrite, inputs={"coco_dir": coco_dir})
         except outputs.OutputError as e:
             raise BuildError(str(e)) from None
     shard_counts = {split: num_shards or auto_num_shards(len(records), config)

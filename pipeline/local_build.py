@@ -26,11 +26,12 @@ class LocalBuildError(ValueError):
     """A build that must not start; the message names the problem."""
 
 
-def _prepare_output_dir(output_dir: str, overwrite: bool, listings: dict, config: PairConfig) -> None:
+def _prepare_output_dir(output_dir: str, overwrite: bool, listings: dict, config: PairConfig, coco_dir: str) -> None:
     if dataset_info.is_remote(output_dir):
         raise LocalBuildError(f"the local builder writes local folders only, not {output_dir}: use pipeline.build")
     try:  # a file, a non-empty folder without overwrite, a folder that cannot be written: one line
-        outputs.prepare_output_dir(output_dir, overwrite=overwrite, ours=schema.BUILD_OUTPUTS)
+        outputs.prepare_output_dir(output_dir, overwrite=overwrite, ours=schema.BUILD_OUTPUTS,
+                                   inputs={"coco_dir": coco_dir})
         shards.require_room(output_dir, listings, config)
     except outputs.OutputError as e:
         raise LocalBuildError(str(e)) from None
@@ -65,7 +66,7 @@ def build(coco_dir: str, output_dir: str, splits: dict, config: PairConfig, *, n
         listings = shards.list_splits(coco_dir, splits, config, num_shards, max_images, name)
     except ValueError as e:
         raise LocalBuildError(str(e)) from e
-    _prepare_output_dir(output_dir, overwrite, listings, config)
+    _prepare_output_dir(output_dir, overwrite, listings, config, coco_dir)
     workers = workers or os.cpu_count() or 1
     started, t0 = time.strftime("%Y-%m-%dT%H:%M:%S%z"), time.time()
     raw = shards.header(config, name, f"local ({workers} processes)", sys.argv, reduced_decode, started)

@@ -60,6 +60,8 @@ def _main(argv):
     from pipeline.runtime import cli
 
     f = flags.FLAGS
+    if f.workers < 0:
+        return cli.fail("pipeline.records", f"--workers must be >= 0 (0: this process), got {f.workers}")
     try:
         splits = f.split or dataset_info.read(f.data_dir).splits
         for split in splits:

@@ -42,6 +42,10 @@ def _set(path, value):
     return edit
 
 
+def _twice(shards):  # the second shard replaced by the first under another spelling: counts still agree
+    shards[1] = dict(shards[0], file="./" + shards[0]["file"])
+
+
 BAD_INDEXES = [  # (edit, what the one line says)
     (_set(["splits", "validation", "num_examples"], 3), "num_examples is 3 but its 2 shards list 32 records"),
     (_set(["splits", "validation", "num_examples"], -5), "num_examples is -5, not a whole number >= 0"),
@@ -50,6 +54,12 @@ BAD_INDEXES = [  # (edit, what the one line says)
     (_set(["splits", "validation", "shards", 0, "file"], "../../elsewhere"), "is not a file name inside"),
     (_set(["config", "patch_size"], 100000), "patch_size 100000 is larger than the 1024 px allowed"),
     (_set(["config", "rho"], 0), "rho must be at least 1, got 0"),
+    # second round (issue 24): what int() used to let through, and shards read twice
+    (_set(["config", "rho"], 8.5), "config 'rho' is 8.5, not a whole number"),
+    (_set(["config", "patch_size"], True), "config 'patch_size' is True, not a whole number"),
+    (_set(["splits", "validation", "shards", 0, "file"], "a\u0000b"), "is not a file name inside"),
+    (lambda raw: _twice(raw["splits"]["validation"]["shards"]), "is listed twice"),
+    (lambda raw: raw["splits"]["validation"].update(raw["splits"]["train"]), "is listed twice (also in split 'train')"),
 ]
 
 
@@ -170,3 +180,21 @@ def test_the_audit_reads_bounded_records_and_reports_instead_of_crashing(tiny_da
     assert "a record of 1099511627776 bytes" in errors["train/shard_read"][0]["error"]
     assert errors["validation/shard_read"][0]["file"] == os.path.basename(odd)
     assert "another patch size" in errors["validation/shard_read"][0]["error"]
+
+
+def test_a_shard_or_an_index_that_is_a_folder_is_one_line(tiny_dataset, tmp_path):
+    """Issue 24, second round: a folder under a shard's or the index's name was read as a file (a traceback)."""
+    ds = copy_with(tiny_dataset, tmp_path / "ds")
+    first = shard(ds, "validation", 0)
+    os.remove(first)
+    os.mkdir(first)
+    for name, read in {"records.batches": lambda: list(records.batches(ds, "validation", 8)),
+                       "dataset_config": lambda: data.dataset_config(ds, "validation")}.items():
+        with pytest.raises(DatasetError, match="are missing \\(or not files\\)"):
+            read()
+    proc = run_cli("pipeline.records", f"--data_dir={ds}", "--split=validation", "--workers=-1")
+    assert proc.returncode == 2 and "--workers must be >= 0" in error_line(proc, "pipeline.records")
+    os.remove(os.path.join(ds, schema.INDEX))
+    os.mkdir(os.path.join(ds, schema.INDEX))
+    proc = run_cli("pipeline.records", f"--data_dir={ds}", "--split=validation")
+    assert proc.returncode == 2 and "cannot be read: Is a directory" in error_line(proc, "pipeline.records")

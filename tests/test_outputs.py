@@ -66,7 +66,7 @@ def test_builders_refuse_a_coco_root_a_lone_sub_folder_and_a_file(module, tmp_pa
     (tmp_path / "holds_a_folder" / "sub").mkdir(parents=True)
     (tmp_path / "a_file").write_text("mine")
     before = snapshot(tmp_path)
-    for out, cause in ((coco, "is not empty (2 entries: annotations/, val2017/)"),
+    for out, cause in ((coco, f"is the coco_dir {coco} this command reads"),  # refused before its emptiness
                        (tmp_path / "holds_a_folder", "is not empty (1 entry: sub/)"),
                        (tmp_path / "a_file", "exists and is not a folder")):
         proc = run_cli(module, f"--coco_dir={coco}", f"--output_dir={out}", *TINY_BUILD)
@@ -147,3 +147,29 @@ def test_a_build_in_which_every_image_fails_exits_2(module, dead_coco, tmp_path)
             f"see {failed}") in line, line
     assert [json.loads(x)["reason"] for x in failed.read_text().splitlines()] == ["undecodable", "empty", "missing"]
     assert not (out / schema.INDEX).exists()  # nothing claims a dataset
+
+
+def test_outputs_are_never_the_inputs_nor_a_folder_of_another_kind(tmp_path):
+    """Issue 24, second round: an output folder that is an input, lies inside one or links to one is refused
+    even with --overwrite; a reused folder (a run, a report) must hold what its command writes there."""
+    source = tmp_path / "coco"
+    (source / "val2017").mkdir(parents=True)
+    (source / "val2017" / "1.jpg").write_bytes(b"jpeg")
+    (tmp_path / "link").symlink_to(source / "val2017")
+    for path, says in ((source, "is the coco_dir"), (source / "val2017", "is inside the coco_dir"),
+                       (source / "new", "is inside the coco_dir"), (tmp_path / "link", "is inside the coco_dir")):
+        with pytest.raises(outputs.OutputError, match=says):
+            outputs.check_output_dir(str(path), overwrite=True, inputs={"coco_dir": str(source)})
+    with pytest.raises(outputs.OutputError, match=r"holds none of config.json: it is not this command's folder"):
+        outputs.check_output_dir(str(source), must_be_empty=False, reuse_if=("config.json",))
+    outputs.check_output_dir(str(source), must_be_empty=False, reuse_if=("*/1.jpg",))  # one level down too
+    (source / "config.json").write_text("{}")
+    outputs.check_output_dir(str(source), must_be_empty=False, reuse_if=("config.json",))
+    outputs.check_output_dir(str(tmp_path / "elsewhere"), overwrite=True, inputs={"coco_dir": str(source)})
+    coco = tmp_path / "real"
+    shutil.copytree(COCO_MINI, coco, ignore=shutil.ignore_patterns("train2017", "instances_train2017.json"))
+    before = snapshot(coco)
+    for module in ("pipeline.local_build", "pipeline.build"):
+        proc = run_cli(module, f"--coco_dir={coco}", f"--output_dir={coco / 'val2017'}", "--overwrite", *TINY_BUILD)
+        assert proc.returncode == 2 and "is inside the coco_dir" in error_line(proc, module)
+    assert snapshot(coco) == before

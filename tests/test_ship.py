@@ -22,6 +22,13 @@ def report(mean_mace: float, fingerprint: str = "pairs-1", digest: str | None = 
             "methods": {"identity": dict(row, mean_mace=24.5), "sift": dict(row, mean_mace=1.8), "network": row}}
 
 
+def save(folder, r):
+    """Writes r as model.evaluate writes a report: sealed (model.ship refuses an edited one)."""
+    from model.evaluation import report as report_lib
+
+    report_lib.write_json(r, str(folder))
+
+
 def both(clean, camera, fingerprint="pairs-1"):
     return {"clean": report(clean, fingerprint), "camera": report(camera, fingerprint + "-camera")}
 
@@ -55,7 +62,8 @@ def run_dir(tmp_path):
         reps[kind] = tmp_path / f"report_{kind}"
         reps[kind].mkdir()
         r = report(mace, "pairs-" + kind, run_dir_lib.weights_digest(str(d)))
-        (reps[kind] / "mace_report.json").write_text(json.dumps(r))
+        r["dataset"]["config"]["photometric"] = {"name": "camera" if kind == "camera" else "none"}
+        save(reps[kind], r)
     return d, reps, model
 
 
@@ -82,7 +90,7 @@ def test_ship_copies_weights_card_and_refuses_a_worse_run(run_dir, tmp_path):
     before = (target / "model.keras").read_bytes()
     r = json.loads((reps["clean"] / "mace_report.json").read_text())
     r["methods"]["network"]["mean_mace"] = 8.0
-    (reps["clean"] / "mace_report.json").write_text(json.dumps(r))
+    save(reps["clean"], r)  # sealed again, as model.evaluate would write it
     shipped, why = ship.ship(str(d), str(reps["clean"]), str(target), camera_report_dir=str(reps["camera"]))
     assert not shipped and "not better" in why and (target / "model.keras").read_bytes() == before
 
@@ -101,7 +109,7 @@ def test_ship_refuses_a_report_of_another_run_or_other_pairs(run_dir, tmp_path):
         r = json.loads((reps[kind] / "mace_report.json").read_text())
         r["methods"]["network"]["mean_mace"] = 1.0
         r["pairs_fingerprint"] = "pairs-from-other-images"
-        (reps[kind] / "mace_report.json").write_text(json.dumps(r))
+        save(reps[kind], r)
     shipped, why = ship.ship(str(d), str(reps["clean"]), str(target), camera_report_dir=str(reps["camera"]))
     assert not shipped and "different pairs" in why
 
@@ -123,3 +131,51 @@ def test_ship_refuses_a_ship_dir_that_is_a_file_and_evaluate_an_output_that_is_o
     from model import evaluate
     with pytest.raises(evaluate.EvaluationError, match="is not a folder"):
         evaluate.evaluate(tiny_dataset, "validation", str(target), methods=["identity"])
+
+
+def test_ship_refuses_edited_swapped_or_absurd_reports_and_foreign_ship_dirs(run_dir, tmp_path):
+    """Issue 24, second round: the gate holds against reports edited after model.evaluate (the seal), a camera
+    report passed as the clean one, a MACE that is not a number >= 0 (also in the shipped files), a report of
+    the run's own training split, and a ship_dir that is a dataset, a link or the run itself."""
+    d, reps, _ = run_dir
+    target = tmp_path / "weights"
+    edited = json.loads((reps["clean"] / "mace_report.json").read_text())
+    edited["methods"]["network"]["mean_mace"] = 0.5  # fingerprint and weights digest intact
+    (reps["clean"] / "mace_report.json").write_text(json.dumps(edited))
+    with pytest.raises(ship.ShipError, match="is not as model.evaluate wrote it"):
+        ship.ship(str(d), str(reps["clean"]), str(target), camera_report_dir=str(reps["camera"]))
+    for value in (-1.0, float("nan"), "1.0"):
+        save(reps["clean"], dict(edited, methods={**edited["methods"], "network": {"mean_mace": value}}))
+        with pytest.raises(ship.ShipError, match="not a number of pixels >= 0"):
+            ship.ship(str(d), str(reps["clean"]), str(target))
+    edited["methods"]["network"]["mean_mace"] = 7.25
+    save(reps["clean"], edited)
+    with pytest.raises(ship.ShipError, match="scored --photometric=camera pairs, the clean report needs"):
+        ship.ship(str(d), str(reps["camera"]), str(target), camera_report_dir=str(reps["clean"]))
+    config = json.loads((d / network.CONFIG_FILE).read_text())
+    save(reps["clean"], dict(edited, dataset=dict(edited["dataset"], split="train", data_dir=config["data_dir"])))
+    with pytest.raises(ship.ShipError, match="the pairs .* trained on"):
+        ship.ship(str(d), str(reps["clean"]), str(target))
+    copied = dict(split="train", data_dir="/elsewhere/a_copy", num_examples=80, config={"rho": 16, "patch_size": 64})
+    save(reps["clean"], dict(edited, num_pairs=80, dataset=copied))  # a copy of the training data
+    with pytest.raises(ship.ShipError, match="the pairs .* trained on"):
+        ship.ship(str(d), str(reps["clean"]), str(target))
+    save(reps["clean"], dict(edited, num_pairs=4, dataset=dict(edited["dataset"], num_examples=500)))
+    with pytest.raises(ship.ShipError, match="scored 4 of the 500 pairs .* evaluate the whole split"):
+        ship.ship(str(d), str(reps["clean"]), str(target))
+    save(reps["clean"], edited)
+    foreign = tmp_path / "dataset"
+    foreign.mkdir()
+    (foreign / "homography_index.json").write_text("{}")
+    (tmp_path / "link").symlink_to(target.parent)
+    for where, says in ((foreign, "holds none of model.keras"), (tmp_path / "link", "is a link"),
+                        (d, "is the model_dir")):
+        with pytest.raises(ship.ShipError, match=says):
+            ship.ship(str(d), str(reps["clean"]), str(where), camera_report_dir=str(reps["camera"]))
+    assert (foreign / "homography_index.json").read_text() == "{}" and (d / network.MODEL_FILE).exists()
+    assert ship.ship(str(d), str(reps["clean"]), str(target), camera_report_dir=str(reps["camera"]))[0]
+    shipped = json.loads((target / "evaluation.json").read_text())
+    shipped["methods"]["network"]["mean_mace"] = "abc"
+    (target / "evaluation.json").write_text(json.dumps(shipped))
+    with pytest.raises(ship.ShipError, match="the shipped clean report: .* not a number"):
+        ship.ship(str(d), str(reps["clean"]), str(target), camera_report_dir=str(reps["camera"]))

@@ -3,6 +3,7 @@ builds, a corrupt config.json, a cut-short newest checkpoint (the one before it 
 weights of other patches, a network too large for the patches, and a disk that fills up or goes
 read-only while a run writes: one line naming the file and the cause, never a traceback or a crash."""
 import os
+import re
 import subprocess
 import sys
 
@@ -53,7 +54,10 @@ def test_a_step_whose_activations_memory_cannot_hold_is_refused(tiny_dataset, tm
 def test_rho_0_and_out_of_bounds_geometry_are_refused_at_build_time(tmp_path):
     for flag, says in (("--rho=0", "rho must be at least 1, got 0"),
                        ("--patch_size=2048", "patch_size 2048 is larger than the 1024 px allowed"),
-                       ("--patches_per_image=100000", "at most 16384 pairs an image at this size")):
+                       ("--patches_per_image=100000", "at most 16384 pairs an image at this size"),
+                       # second round: both used to end in a worker's traceback
+                       ("--seed=-1", "seed must be >= 0, got -1"),
+                       ("--splits=../x=val2017", "split name '../x' is not letters, digits and _")):
         proc = run_cli("pipeline.local_build", f"--coco_dir={COCO_MINI}", f"--output_dir={tmp_path / 'ds'}", flag)
         assert proc.returncode == 2
         assert says in error_line(proc, "pipeline.local_build")
@@ -154,3 +158,23 @@ def test_a_write_hdf5_fails_is_one_line_and_no_crash(tiny_dataset, small_fs, tmp
     line = error_line(proc, "model.train")
     assert f"cannot write {disk / 'run' / 'checkpoints' / 'ckpt-1.weights.h5'}: No space left on device" in line
     assert "h5py" not in proc.stderr and os.listdir(disk / "run" / "checkpoints") == []
+
+
+def test_non_finite_flags_and_run_dirs_that_are_not_runs_are_one_line(tiny_dataset, tmp_path):
+    """Issue 24, second round: NaN passes every comparison, so every float flag is checked finite; a
+    model_dir that is the dataset, inside it, or a folder of other files is refused before any work."""
+    for flag, value in (("learning_rate", float("nan")), ("learning_rate", float("inf")),
+                        ("max_minutes", float("nan")), ("clip_norm", float("inf"))):
+        with pytest.raises(train.TrainError, match=f"--{flag} must be a finite number"):
+            train.train(tiny_dataset, str(tmp_path / "run"), steps=2, **dict(FAST, **{flag: value}))
+    with pytest.raises(train.TrainError, match="--bn_momentum must be in"):
+        train.train(tiny_dataset, str(tmp_path / "run"), steps=2, architecture_options={"bn_momentum": 1.5}, **FAST)
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "mine.txt").write_text("mine")
+    for where, says in ((tiny_dataset, "is the data_dir"), (os.path.join(tiny_dataset, "run"), "is inside the data_dir"),
+                        (str(other), "is not empty and holds none of .lock, config.json")):
+        proc = run_cli("model.train", f"--data_dir={tiny_dataset}", f"--model_dir={where}", "--steps=2",
+                       "--architecture=compact", "--batch_size=8")
+        assert proc.returncode == 2 and re.search(says, error_line(proc, "model.train")), proc.stderr[-500:]
+    assert os.listdir(other) == ["mine.txt"] and not os.path.exists(os.path.join(tiny_dataset, "run"))

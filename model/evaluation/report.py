@@ -40,8 +40,22 @@ def colour(method: str) -> str:
     return COLOURS.get(method, COLOURS.get(method.split("+")[0], "#8c564b"))
 
 
+SEAL = "report_sha256"
+
+
+def seal(report: dict) -> str:
+    """A digest of the report's content (all but the seal itself): model.ship refuses a report edited after
+    model.evaluate wrote it (hand-edited figures, another run's numbers pasted in). It detects edits, it
+    does not authenticate: whoever recomputes it can forge it."""
+    import hashlib
+
+    body = json.dumps({k: v for k, v in report.items() if k != SEAL}, sort_keys=True)
+    return hashlib.sha256(body.encode("utf-8")).hexdigest()
+
+
 def write_json(report: dict, output_dir: str) -> str:
     path = os.path.join(output_dir, JSON_FILE)
+    report[SEAL] = seal(report)
     with open(path, "w") as f:
         json.dump(report, f, indent=2)
     return path

@@ -51,7 +51,7 @@ def dataset_config(data_dir: str, split: str) -> DataConfig:
     missing = [f for f in s.shard_files if not _exists(f)]
     if missing:
         raise DatasetError(f"split '{split}' of {data_dir}: {len(missing)} shard file(s) listed in "
-                           f"{schema.INDEX} are missing, e.g. {missing[0]}")
+                           f"{schema.INDEX} are missing (or not files), e.g. {missing[0]}")
     c = info.config
     return DataConfig(c.patch_size, c.channels, c.rho, c.image_width, c.image_height, split,
                       s.num_examples, tuple(s.shard_files), tuple(s.shard_counts))
@@ -59,7 +59,7 @@ def dataset_config(data_dir: str, split: str) -> DataConfig:
 
 def _exists(path: str) -> bool:
     if "://" not in path:
-        return os.path.exists(path)
+        return os.path.isfile(path)  # a folder under a shard's name is as good as missing
     import tensorflow as tf  # remote shards are read by tf.data, so TensorFlow is there
 
     return tf.io.gfile.exists(path)

@@ -29,6 +29,9 @@ def parse_splits(text: str) -> dict:
         split, sep, source = (s.strip() for s in item.partition("="))
         if not sep or not split or not source:
             raise ValueError(f"--splits item '{item}' is not NAME=COCO_SPLIT (e.g. train=train2017)")
+        if not split.replace("_", "a").isalnum() or not split.isascii():  # it becomes part of the shard names
+            raise ValueError(f"--splits: split name '{split}' is not letters, digits and _ (it names the shard "
+                             f"files: '/' or '..' would put them outside output_dir)")
         if split in splits:
             raise ValueError(f"--splits names split '{split}' twice")
         splits[split] = source

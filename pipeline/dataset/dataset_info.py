@@ -58,6 +58,11 @@ def exists(path: str) -> bool:
     return _filesystems().exists(path) if is_remote(path) else os.path.exists(path)
 
 
+def is_file(path: str) -> bool:
+    """exists(path), and locally a file: a folder under a shard's name is as good as missing."""
+    return exists(path) if is_remote(path) else os.path.isfile(path)
+
+
 def open_read(path: str):
     """A binary file object for reading: local through open, remote through Beam's FileSystems."""
     return _filesystems().open(path) if is_remote(path) else open(path, "rb")
@@ -123,6 +128,8 @@ def read(data_dir: str) -> DatasetInfo:
             int(s["num_examples"])
             for sh in s["shards"]:
                 str(sh["file"]), int(sh["num_examples"])
+    except OSError as e:  # a folder under the index's name, no permission
+        raise DatasetError(f"{path} cannot be read: {e.strerror or e}") from None
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise DatasetError(f"{path} is malformed ({type(e).__name__}: {e})") from e
     from pipeline.dataset import index_checks

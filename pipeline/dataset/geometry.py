@@ -50,6 +50,8 @@ class PairConfig:
         if self.patch_size <= 0 or self.patches_per_image <= 0:
             raise ValueError(f"patch_size ({self.patch_size}) and patches_per_image ({self.patches_per_image}) "
                              f"must be positive")
+        if self.seed < 0:  # numpy's seed sequences take whole numbers >= 0 only (a traceback in a worker)
+            raise ValueError(f"seed must be >= 0, got {self.seed}")
         if self.rho < 1:
             raise ValueError(f"rho must be at least 1, got {self.rho} (rho 0 is no motion: nothing to learn, "
                              f"and labels scaled by 1/rho)")

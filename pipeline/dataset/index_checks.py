@@ -3,11 +3,13 @@ on: pipeline.reader (and the Keras / PyTorch adapters through it), model.trainin
 the audit all read the index through dataset_info.read, which calls check_index; DatasetInfo.split adds
 check_split_total (the audit reports a disagreeing total as its split_counts check instead).
 
-  geometry   PairConfig.validate's bounds: patch_size 1..1024, channels 1 or 3, rho >= 1, the patch and
+  geometry   whole numbers (never truncated), PairConfig.validate's bounds: patch_size 1..1024, channels 1
+             or 3, rho >= 1, the patch and
              its margins inside an image of sides up to 8192
   counts     every split's num_examples and every shard's count a whole number >= 0, and a split's
              num_examples the sum of its shards' counts
-  shards     file names relative to the dataset folder (no absolute path, no '..')
+  shards     file names relative to the dataset folder (no absolute path, no '..', nothing unprintable),
+             each listed once in the whole index (else its records are counted twice, or train is validated on)
   records    record_bounds: the byte lengths a record of the index's geometry can have; a TFRecord header
              claiming another length is refused before anything that size is allocated
 """
@@ -32,6 +34,10 @@ def _count(value, what: str, where: str) -> int:
 
 def check_index(raw: dict, config, path: str) -> None:
     """DatasetError (one line naming the index and the problem) for an index no reader may trust."""
+    for key in ("patch_size", "rho", "image_width", "image_height", "channels", "patches_per_image", "seed"):
+        value = raw["config"][key]  # dataset_info.read's int() would have made 8.5 into 8, "8" and true too
+        if type(value) is not int:
+            raise DatasetError(f"{path}: config '{key}' is {value!r}, not a whole number")
     try:
         config.validate()
     except ValueError as e:
@@ -39,6 +45,7 @@ def check_index(raw: dict, config, path: str) -> None:
     splits = raw.get("splits")
     if not isinstance(splits, dict):
         raise DatasetError(f"{path}: 'splits' is not a mapping of split names")
+    listed = {}  # normalised shard name -> the split listing it: no shard read twice, or by two splits
     for name, s in splits.items():
         where = f"{path}, split '{name}'"
         _count(s.get("num_examples"), "num_examples", where)
@@ -46,8 +53,14 @@ def check_index(raw: dict, config, path: str) -> None:
             raise DatasetError(f"{where}: 'shards' is not a list")
         for sh in s["shards"]:
             file = sh.get("file") if isinstance(sh, dict) else None
-            if not isinstance(file, str) or not file or posixpath.isabs(file) or ".." in file.split("/"):
+            if not isinstance(file, str) or not file or posixpath.isabs(file) or ".." in file.split("/") \
+                    or not file.isprintable():  # a NUL byte would crash open() instead
                 raise DatasetError(f"{where}: shard file {file!r} is not a file name inside the dataset folder")
+            key = posixpath.normpath(file)
+            if key in listed:
+                raise DatasetError(f"{where}: shard file {file!r} is listed twice (also in split '{listed[key]}'): "
+                                   f"its records would be read twice")
+            listed[key] = name
             _count(sh.get("num_examples"), f"the record count of shard {file}", where)
 
 

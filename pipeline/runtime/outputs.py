@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fnmatch
+import glob
 import os
 import sys
 import tempfile
@@ -79,15 +80,33 @@ def probe_writable(folder: str, flag: str = "output") -> None:
         raise OutputError(f"{flag} {folder} cannot be written: {_reason(e)}") from None
 
 
+def check_apart(path: str, inputs: dict, flag: str = "output_dir") -> None:
+    """Refuses an output location that is one of the command's inputs ({flag name: path}) or lies inside
+    one, links resolved: its files (a COCO root, a dataset, a run) would be written over or removed."""
+    if is_remote(path):
+        return
+    out = os.path.realpath(path)
+    for name, source in inputs.items():
+        if not source or is_remote(source):
+            continue
+        src = os.path.realpath(source)
+        if out == src or out.startswith(src.rstrip(os.sep) + os.sep):
+            raise OutputError(f"{flag} {path} is {'' if out == src else 'inside '}the {name} {source} this command "
+                              f"reads: choose a folder of its own")
+
+
 def check_output_dir(path: str, *, overwrite: bool = False, must_be_empty: bool = True,
-                     flag: str = "output_dir") -> None:
+                     flag: str = "output_dir", inputs: dict | None = None, reuse_if: tuple = ()) -> None:
     """Refuses (OutputError, one line) a local output folder that cannot be used; changes nothing.
 
-    must_be_empty=False for folders that are reused on purpose (model.train's run directory)."""
+    must_be_empty=False for folders that are reused on purpose (model.train's run directory, a report
+    folder); reuse_if then names (glob patterns below it, 'sub/x' too) what it holds: a non-empty folder with none of
+    them is another's (a COCO folder, a dataset) and is refused. inputs: see check_apart."""
     if not path:
         raise OutputError(f"--{flag} is empty")
     if is_remote(path):
         return
+    check_apart(path, inputs or {}, flag)
     if os.path.lexists(path) and not os.path.isdir(path):
         raise OutputError(f"{flag} {path} exists and is not a folder")
     if not os.path.isdir(path):
@@ -100,6 +119,10 @@ def check_output_dir(path: str, *, overwrite: bool = False, must_be_empty: bool 
         entries = sorted(os.listdir(path))
     except OSError as e:
         raise OutputError(f"{flag} {path} cannot be read: {_reason(e)}") from None
+    if entries and not must_be_empty and reuse_if and \
+            not any(glob.glob(os.path.join(glob.escape(path), pattern)) for pattern in reuse_if):
+        raise OutputError(f"{flag} {path} is not empty and holds none of {', '.join(reuse_if)}: it is not this "
+                          f"command's folder; choose an empty one")
     if entries and must_be_empty and not overwrite:
         shown = ", ".join(e + ("/" if os.path.isdir(os.path.join(path, e)) else "") for e in entries[:5])
         raise OutputError(f"{flag} {path} is not empty ({len(entries)} entr{'y' if len(entries) == 1 else 'ies'}: {shown}"
@@ -109,14 +132,14 @@ def check_output_dir(path: str, *, overwrite: bool = False, must_be_empty: bool 
 
 
 def prepare_output_dir(path: str, *, overwrite: bool = False, prog: str | None = None, must_be_empty: bool = True,
-                       ours: tuple = (), flag: str = "output_dir") -> str:
+                       ours: tuple = (), flag: str = "output_dir", inputs: dict | None = None) -> str:
     """check_output_dir, then (local folders) removes the files of ours (glob patterns, in that order) when
     overwrite, and creates the folder. Returns path.
 
     prog: a command's name: an unusable location then prints `prog: error: ...` (one line) and exits with
     status 2, for a command's main to call as is; without it, OutputError is raised."""
     try:
-        check_output_dir(path, overwrite=overwrite, must_be_empty=must_be_empty, flag=flag)
+        check_output_dir(path, overwrite=overwrite, must_be_empty=must_be_empty, flag=flag, inputs=inputs)
         if is_remote(path):
             return path
         if overwrite and os.path.isdir(path):
