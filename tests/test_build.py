@@ -173,8 +173,8 @@ def test_bad_configuration_stops_before_the_job_starts(tmp_path, synthetic_coco,
 
 def test_folder_listing_without_annotations(tmp_path):
     rng = np.random.default_rng(5)
-    make_coco_layout(tmp_path, "test2017", {f"{i:012d}.jpg": textured_image(rng) for i in (3, 11)}, annotation=None)
-    info = build(str(tmp_path), str(tmp_path / "ds"), {"train": "test2017"}, PairConfig(patches_per_image=1),
+    make_coco_layout(tmp_path / "coco", "test2017", {f"{i:012d}.jpg": textured_image(rng) for i in (3, 11)}, annotation=None)
+    info = build(str(tmp_path / "coco"), str(tmp_path / "ds"), {"train": "test2017"}, PairConfig(patches_per_image=1),
                  beam_args=DIRECT)
     assert info["splits"]["train"]["num_examples"] == 2
     assert "no annotation file" in info["splits"]["train"]["source"]
@@ -182,9 +182,9 @@ def test_folder_listing_without_annotations(tmp_path):
 
 def test_image_info_file_is_accepted_like_test2017(tmp_path):
     rng = np.random.default_rng(6)
-    make_coco_layout(tmp_path, "test2017", {f"{i:012d}.jpg": textured_image(rng) for i in (5, 6, 7)},
+    make_coco_layout(tmp_path / "coco", "test2017", {f"{i:012d}.jpg": textured_image(rng) for i in (5, 6, 7)},
                      annotation="image_info")
-    info = build(str(tmp_path), str(tmp_path / "ds"), {"train": "test2017"}, PairConfig(patches_per_image=2),
+    info = build(str(tmp_path / "coco"), str(tmp_path / "ds"), {"train": "test2017"}, PairConfig(patches_per_image=2),
                  beam_args=DIRECT)
     assert info["splits"]["train"]["num_examples"] == 6
     assert info["splits"]["train"]["source"].endswith("image_info_test2017.json")

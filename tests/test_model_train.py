@@ -121,7 +121,7 @@ def test_finished_run_rerun_trains_no_more(overfit_run, tiny_dataset):
 
 def test_clear_errors_before_training(tiny_dataset, overfit_run, tmp_path):
     with pytest.raises(data.DatasetError, match="no homography_index.json"):
-        train.train(str(tmp_path), str(tmp_path / "run"), steps=2)
+        train.train(str(tmp_path / "nowhere"), str(tmp_path / "run"), steps=2)
     with pytest.raises(data.DatasetError, match="split 'nope' is not in"):
         train.train(tiny_dataset, str(tmp_path / "run"), steps=2, val_split="nope")
     model_dir, _ = overfit_run
@@ -141,7 +141,7 @@ def test_clear_errors_before_training(tiny_dataset, overfit_run, tmp_path):
 
 
 def test_cli_errors_are_one_line_exit_2(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "model.train", f"--data_dir={tmp_path}",
+    proc = subprocess.run([sys.executable, "-m", "model.train", f"--data_dir={tmp_path / 'nowhere'}",
                            f"--model_dir={tmp_path / 'run'}", "--steps=2"],
                           cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2

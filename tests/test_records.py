@@ -225,7 +225,7 @@ def test_bad_datasets_raise_one_clear_error(mini_build, tmp_path):
     ds = _copy_dataset(mini_build, tmp_path / "ds")
     path, count = _shards(ds, "train")[0]
     os.remove(path)
-    with pytest.raises(DatasetError, match=f"missing, e.g. {path}"):
+    with pytest.raises(DatasetError, match=f"missing \\(or not files\\), e.g. {path}"):
         records.batches(ds, "train", 8)
     ds2 = _copy_dataset(mini_build, tmp_path / "ds2")
     path, count = _shards(ds2, "train")[2]
