@@ -26,7 +26,7 @@ setuptools.setup(
     packages=setuptools.find_packages(include=["pipeline", "pipeline.*", "model", "model.*", "data", "data.*", "bench", "bench.*"]),
     install_requires=REQUIRED,
     # The trained weights that ship with the project (model.network.SHIPPED_MODEL_DIR), in non-editable installs too.
-    package_data={"data": ["weights/*/*", "weights/candidates/*/*"]},
+    package_data={"data": ["weights/*/*"]},
     # torch: for the tests of the PyTorch reader (pipeline.reader.torch_dataset); its CPU build is all they need.
     # jax[cpu]: Keras 3 on JAX (tests/test_model_jax.py); 0.10 leaves numpy, ml_dtypes and protobuf as TF pins them.
     # tensorflow-datasets: tests/test_tfds.py loads builds with TFDS (4.9.4+ runs beside TF 2.21 and protobuf 6).

@@ -142,7 +142,7 @@ def data_text(config: dict) -> str:
     try:
         info = dataset_info.read(config["data_dir"])
         s = info.raw["splits"][split]
-        return (f"{s['num_examples']:,} training pairs: {s['images_used']} images of COCO {s['source_split']} x "
+        return (f"{s['num_examples']:,} training pairs: {s['images_used']:,} images of the build's `{s['source_split']}` folder x "
                 f"{info.config.patches_per_image} pairs each (seed {info.config.seed})")
     except (KeyError, ValueError):  # DatasetError is a ValueError: the dataset has moved or gone
         return (f"{config.get('train_examples')} training pairs from `{shown_path(str(config.get('data_dir')))}` "
