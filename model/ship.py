@@ -235,9 +235,12 @@ def ship(model_dir: str, report_dir: str, ship_dir: str = network.SHIPPED_MODEL_
     try:
         config = network.read_config(model_dir)
         history_path = os.path.join(model_dir, "history.json")
-        history = json.load(open(history_path)) if os.path.exists(history_path) else []
-        if not isinstance(config, (dict, type(None))) or not isinstance(history, list):
-            raise ValueError("not a run's")
+        history = []
+        if os.path.exists(history_path):
+            with open(history_path) as f:
+                history = json.load(f)
+        if not isinstance(history, list):  # read_config already refuses a config.json that is not a run's
+            raise ValueError(f"{history_path} is not a run's history (a JSON list)")
     except ValueError as e:  # RunConfigError is one; a history.json cut short too
         raise ShipError(f"{model_dir} is not a readable training run: {e}") from None
     reports = {"clean": _read_report(report_dir, model_dir, "clean", config)}
@@ -249,8 +252,6 @@ def ship(model_dir: str, report_dir: str, ship_dir: str = network.SHIPPED_MODEL_
 
     try:  # ship_dir a file, or its folder read-only: one line, the shipped weights untouched
         outputs.check_output_dir(os.path.dirname(os.path.abspath(ship_dir)), must_be_empty=False, flag="ship_dir's parent")
-        if os.path.lexists(ship_dir) and not os.path.isdir(ship_dir):
-            raise outputs.OutputError(f"ship_dir {ship_dir} exists and is not a folder")
         if os.path.islink(ship_dir):  # the swap below would replace the link, or rmtree refuse it
             raise outputs.OutputError(f"ship_dir {ship_dir} is a link: name the folder itself")
         # ship_dir is replaced whole: never a folder of something else (a dataset, COCO, the run itself)
@@ -272,7 +273,6 @@ def ship(model_dir: str, report_dir: str, ship_dir: str = network.SHIPPED_MODEL_
     replace, why = decide(reports, old, force)
     if not replace:
         return False, why
-    report = reports["clean"]
     # Written beside ship_dir, then swapped in: a failure leaves the shipped weights as they were.
     parent = os.path.dirname(os.path.abspath(ship_dir))
     os.makedirs(parent, exist_ok=True)

@@ -228,7 +228,7 @@ def train(data_dir: str, model_dir: str, *, step_hook=None, architecture_options
               "jit_compile": True if keras.backend.backend() == "jax" else bool(a["jit_compile"]),
               "architecture_options": dict(architecture_options or {})}
     _check_model_dir(model_dir, config)
-    _check_input(a, train_cfg, replicas, init_from, architecture_options)
+    _check_input(a, train_cfg, replicas, init_from, options)
     with outputs.writing(model_dir, "create"):
         os.makedirs(model_dir, exist_ok=True)
     try:

@@ -273,6 +273,40 @@ def _alive(procs, command=None):
     return found
 
 
+def _sigkill_when(driver, ready, what: str, stderr=None) -> list:
+    """Collects the driver's descendants until ready(procs) (60 s at most), SIGKILLs the driver and returns
+    the command lines of those still running 5 s later (multiprocessing's resource tracker aside); every
+    process started here is killed before it returns."""
+    procs = {}
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            for p in psutil.Process(driver.pid).children(recursive=True):
+                procs.setdefault(p.pid, p)
+            if ready(procs):
+                break
+            assert driver.poll() is None, stderr.read_text()[-2000:] if stderr else "ended before the kill"
+            time.sleep(0.02)
+        else:
+            pytest.fail(f"no {what} within 60 s")
+        os.kill(driver.pid, signal.SIGKILL)
+        driver.wait()
+        killed = time.time()
+        while _alive(procs.values()) and time.time() - killed < 5:
+            time.sleep(0.1)
+        return [p.cmdline() for p in _alive(procs.values()) if "resource_tracker" not in " ".join(p.cmdline())]
+    finally:  # only the processes started here
+        if driver.poll() is None:
+            driver.kill()
+            driver.wait()
+        for p in _alive(procs.values()):
+            p.kill()
+
+
+def _has_shard_bytes(out) -> bool:
+    return out.exists() and any(".tfrecord-" in n and (out / n).stat().st_size for n in os.listdir(out))
+
+
 @pytest.mark.parametrize("when", ["starting", "writing"])
 def test_sigkilled_driver_takes_its_worker_processes_along(when, coco_mini, tmp_path):
     """SIGKILL leaves the driver no cleanup: its worker processes (multi_processing) end themselves within
@@ -286,33 +320,12 @@ def test_sigkilled_driver_takes_its_worker_processes_along(when, coco_mini, tmp_
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
     with open(tmp_path / "stderr", "w") as err:
         driver = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=err)
-    procs = {}
-    try:
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            for p in psutil.Process(driver.pid).children(recursive=True):
-                procs.setdefault(p.pid, p)
-            workers = _alive(procs.values(), sys.executable)  # not Beam's `sh -c` around them
-            if len(workers) == 2 if when == "starting" else \
-                    out.exists() and any(".tfrecord-" in n and (out / n).stat().st_size for n in os.listdir(out)):
-                break
-            assert driver.poll() is None, (tmp_path / "stderr").read_text()[-2000:]  # ended before the kill
-            time.sleep(0.02)
-        else:
-            pytest.fail(f"no worker processes {when} within 60 s")
-        os.kill(driver.pid, signal.SIGKILL)
-        driver.wait()
-        killed = time.time()
-        while _alive(procs.values()) and time.time() - killed < 5:
-            time.sleep(0.1)
-        left = _alive(procs.values())
-        assert not left, f"{len(left)} worker processes outlived the driver by 5 s: {[p.cmdline() for p in left]}"
-    finally:  # only the processes started here
-        if driver.poll() is None:
-            driver.kill()
-            driver.wait()
-        for p in _alive(procs.values()):
-            p.kill()
+    if when == "starting":  # both workers exist (not Beam's `sh -c` around them)
+        ready = lambda procs: len(_alive(procs.values(), sys.executable)) == 2  # noqa: E731
+    else:
+        ready = lambda procs: _has_shard_bytes(out)  # noqa: E731
+    left = _sigkill_when(driver, ready, f"worker processes {when}", tmp_path / "stderr")
+    assert not left, f"{len(left)} worker processes outlived the driver by 5 s: {left}"
     names = set(os.listdir(out)) if out.exists() else set()
     assert names <= {f"homography-train.tfrecord-0000{i}-of-00002" for i in range(2)}, names  # no index, no TFDS files
     if when == "writing":
@@ -334,29 +347,6 @@ def test_sigkilled_local_build_takes_its_pool_along(coco_mini, tmp_path):
            "--splits=train=train2017", "--patches_per_image=100", "--num_shards=4", "--workers=2"]
     driver = subprocess.Popen(cmd, cwd=REPO, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"),
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    procs = {}
-    try:
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            for p in psutil.Process(driver.pid).children(recursive=True):
-                procs.setdefault(p.pid, p)
-            if out.exists() and any(".tfrecord-" in n and (out / n).stat().st_size for n in os.listdir(out)):
-                break
-            assert driver.poll() is None, "the build ended before the kill"
-            time.sleep(0.02)
-        else:
-            pytest.fail("no shard written within 60 s")
-        os.kill(driver.pid, signal.SIGKILL)
-        driver.wait()
-        killed = time.time()
-        while _alive(procs.values(), sys.executable) and time.time() - killed < 5:
-            time.sleep(0.1)
-        left = [p for p in _alive(procs.values(), sys.executable) if "resource_tracker" not in " ".join(p.cmdline())]
-        assert not left, f"{len(left)} pool workers outlived the driver by 5 s"
-    finally:
-        if driver.poll() is None:
-            driver.kill()
-            driver.wait()
-        for p in _alive(procs.values()):
-            p.kill()
+    left = _sigkill_when(driver, lambda procs: _has_shard_bytes(out), "shard written")
+    assert not left, f"{len(left)} pool workers outlived the driver by 5 s"
     assert not (out / "homography_index.json").exists()

@@ -14,7 +14,6 @@ and the byte offset, whichever reader met it.
 from __future__ import annotations
 
 import dataclasses
-import os
 import sys
 
 import numpy as np
@@ -47,22 +46,10 @@ class DataConfig:
 def dataset_config(data_dir: str, split: str) -> DataConfig:
     """Reads homography_index.json; raises DatasetError for a missing index, unknown/empty split, lost shards."""
     info = dataset_info.read(data_dir)
-    s = info.split(split)  # DatasetError on an unknown or empty split
-    missing = [f for f in s.shard_files if not _exists(f)]
-    if missing:
-        raise DatasetError(f"split '{split}' of {data_dir}: {len(missing)} shard file(s) listed in "
-                           f"{schema.INDEX} are missing (or not files), e.g. {missing[0]}")
+    s = info.readable_split(split)  # DatasetError on an unknown or empty split, or a shard not there
     c = info.config
     return DataConfig(c.patch_size, c.channels, c.rho, c.image_width, c.image_height, split,
                       s.num_examples, tuple(s.shard_files), tuple(s.shard_counts))
-
-
-def _exists(path: str) -> bool:
-    if "://" not in path:
-        return os.path.isfile(path)  # a folder under a shard's name is as good as missing
-    import tensorflow as tf  # remote shards are read by tf.data, so TensorFlow is there
-
-    return tf.io.gfile.exists(path)
 
 
 def normalize(patch_a, patch_b):

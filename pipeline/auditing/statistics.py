@@ -132,10 +132,10 @@ class SplitStatsFn(beam.CombineFn):
     def __init__(self, config: geometry.PairConfig, residual_threshold: float):
         self._config = config
         self._threshold = residual_threshold
+        self._step = position_step(config)  # once: add_input runs per pair
 
     def create_accumulator(self):
-        c = self._config
-        step = position_step(c)
+        c, step = self._config, self._step
         nx, ny = position_cells(c.image_width, c, step), position_cells(c.image_height, c, step)
         return {
             "offsets": Moments(8), "offset_hist": Histogram(8, np.linspace(-c.rho, c.rho, OFFSET_BINS + 1)),
@@ -151,7 +151,7 @@ class SplitStatsFn(beam.CombineFn):
         acc["offset_hist"].add(s["offsets"])
         acc["top_left"].add(s["top_left"])
         if s["corner_problem"] is None:
-            step = position_step(c)
+            step = self._step
             acc["positions"][(int(s["top_left"][1]) - c.rho) // step, (int(s["top_left"][0]) - c.rho) // step] += 1
         else:
             acc["margins"].add(key + (s["corner_problem"],))
@@ -186,7 +186,7 @@ class SplitStatsFn(beam.CombineFn):
         out["residual_threshold"] = self._threshold
         out["residual_unit"] = RESIDUAL_UNITS[self._config.photometric]
         out["near_constant_std"] = NEAR_CONSTANT_STD
-        out["positions_step"] = position_step(self._config)
+        out["positions_step"] = self._step
         return out
 
 

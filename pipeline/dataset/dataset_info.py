@@ -103,6 +103,16 @@ class DatasetInfo:
             raise DatasetError(f"split '{name}' of {self.data_dir} holds no examples")
         return info
 
+    def readable_split(self, name: str) -> SplitInfo:
+        """split(name), refused (DatasetError) unless every shard it lists is there as a file: what a
+        reader of the records needs before it starts."""
+        info = self.split(name)
+        missing = [f for f in info.shard_files if not is_file(f)]
+        if missing:
+            raise DatasetError(f"split '{name}' of {self.data_dir}: {len(missing)} shard file(s) listed in "
+                               f"{schema.INDEX} are missing (or not files), e.g. {missing[0]}")
+        return info
+
 
 def read(data_dir: str) -> DatasetInfo:
     """Loads and checks data_dir's index (schema.INDEX); raises DatasetError with a clear message."""

@@ -35,11 +35,7 @@ class SplitSource:
 
     def __init__(self, data_dir: str, split: str):
         info = dataset_info.read(data_dir)
-        s = info.split(split)
-        missing = [f for f in s.shard_files if not dataset_info.is_file(f)]
-        if missing:
-            raise DatasetError(f"split '{split}' of {data_dir}: {len(missing)} shard file(s) listed in "
-                               f"{schema.INDEX} are missing (or not files), e.g. {missing[0]}")
+        s = info.readable_split(split)
         c = info.config
         self.data_dir, self.split = data_dir, split
         self.patch_size, self.channels, self.rho = c.patch_size, c.channels, c.rho
