@@ -1,7 +1,7 @@
 """Training-step benchmark: samples/s of train steps fed by the real input pipeline against the same
 steps fed by one batch held in memory (the input's cost is the difference).
 
-  python -m bench.train [--data_dir=OUT] [--batch_size=64] [--steps=20] [--patch_size=0]
+  python -m bench.train [--data_dir=OUT] [--batch_size=64] [--steps=20] [--keras_bn]
 
 The step is model.train's, for each of --architectures (the paper's HomographyNet and the compact one): forward + backward, Euclidean loss on scaled offsets, SGD with
 momentum, inside a tf.function loop of steps. On this CPU a step is compute-bound, so the ratio says
@@ -23,6 +23,8 @@ flags.DEFINE_integer("batch_size", 64, "Batch size")
 flags.DEFINE_integer("steps", 20, "Timed steps per variant (after 3 warm-up steps)")
 flags.DEFINE_list("architectures", ["homographynet", "compact"], "Networks to time, each fed both ways; "
                   "compact@W: the compact network of width W (model.train --compact_width=W)")
+flags.DEFINE_bool("keras_bn", False, "Also time each network with Keras's own BatchNormalization in place of "
+                  "network.FusedBatchNormalization (the ratio is the fused kernel's speed-up)")
 FLAGS = flags.FLAGS
 
 
@@ -43,12 +45,15 @@ def main(argv):
           f"patch {cfg.patch_size}x{cfg.patch_size}x{2 * cfg.channels}")
 
     def timed(architecture):
-        name, _, width = architecture.partition("@")
-        model = network.build(name, cfg.patch_size, cfg.channels, options={"width": int(width)} if width else None)
+        spec, _, bn = architecture.partition("/")
+        name, _, width = spec.partition("@")
+        options = ({"width": int(width)} if width else {}) | ({"fused_bn": False} if bn == "keras_bn" else {})
+        model = network.build(name, cfg.patch_size, cfg.channels, options=options)
         print(f"{architecture}: {model.count_params():,} parameters")
         return _rates(model, keras, tf, data_dir, b)
 
-    rates = {a: timed(a) for a in FLAGS.architectures}
+    variants = [v for a in FLAGS.architectures for v in ([a, a + "/keras_bn"] if FLAGS.keras_bn else [a])]
+    rates = {a: timed(a) for a in variants}
     figures = {}
     for a, r in rates.items():
         for name, rate in r.items():
@@ -56,6 +61,9 @@ def main(argv):
         figures[f"{a}_train_samples_per_s_in_memory"] = r["in-memory batch"]
         figures[f"{a}_train_samples_per_s_real_input"] = r["real input pipeline"]
         figures[f"{a}_input_cost_fraction"] = 1 - r["real input pipeline"] / r["in-memory batch"]
+    for a in FLAGS.architectures:
+        if a + "/keras_bn" in rates:
+            figures[f"{a}_fused_bn_speedup"] = rates[a]["in-memory batch"] / rates[a + "/keras_bn"]["in-memory batch"]
     if "homographynet" in rates and "compact" in rates:
         figures["compact_speedup"] = rates["compact"]["in-memory batch"] / rates["homographynet"]["in-memory batch"]
     headline(figures)

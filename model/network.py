@@ -31,8 +31,46 @@ def shipped_model_dir() -> str | None:
     return SHIPPED_MODEL_DIR if os.path.exists(os.path.join(SHIPPED_MODEL_DIR, MODEL_FILE)) else None
 
 
+@keras.saving.register_keras_serializable(package="homography")
+class FusedBatchNormalization(keras.layers.BatchNormalization):
+    """keras.layers.BatchNormalization whose training step on TensorFlow runs TensorFlow's fused kernel.
+
+    Keras 3 composes BN from moments and elementwise ops, and the gradient keeps each of their outputs:
+    +16 MB a 128 px pair in HomographyNet's step and twice the step time on a CPU (bench/peak_memory.py,
+    BUILD_NOTES section 6). The fused kernel keeps its input alone. Same variables, config and results
+    (tests/test_model_network.py); the plain layer runs elsewhere (inference, JAX, masks, renorm), and
+    run_dir.save_final_model saves a model.keras of plain Keras layers."""
+
+    def call(self, inputs, training=None, mask=None):
+        if not (training and self.trainable and mask is None and not self.renorm and self.center and self.scale
+                and keras.backend.backend() == "tensorflow" and len(inputs.shape) == 4
+                and self.axis in (-1, 3)):
+            return super().call(inputs, training=training, mask=mask)
+        import tensorflow as tf
+
+        x = tf.cast(inputs, "float32")  # as Keras does: statistics in float32 whatever the policy
+        y, mean, variance = tf.compat.v1.nn.fused_batch_norm(x, tf.cast(self.gamma, "float32"),
+                                                            tf.cast(self.beta, "float32"), epsilon=self.epsilon,
+                                                            data_format="NHWC", is_training=True)
+        # The kernel's batch variance carries Bessel's correction; Keras's moving variance does not.
+        n = tf.cast(tf.size(x) // tf.size(variance), "float32")
+        variance = variance * (n - 1.0) / n
+        m = self.momentum
+        self.moving_mean.assign(tf.cast(self.moving_mean, "float32") * m + mean * (1.0 - m))
+        self.moving_variance.assign(tf.cast(self.moving_variance, "float32") * m + variance * (1.0 - m))
+        return tf.cast(y, self.compute_dtype)
+
+
+FUSED_BN_NAME = keras.saving.get_registered_name(FusedBatchNormalization)
+
+
+def _batchnorm(fused: bool):
+    return FusedBatchNormalization if fused else keras.layers.BatchNormalization
+
+
 def build_homographynet(patch_size: int = 128, channels: int = 1, dropout: bool = True, batchnorm: bool = True,
-                        dtype=None, name: str = "homographynet", bn_momentum: float = 0.99) -> keras.Model:
+                        dtype=None, name: str = "homographynet", bn_momentum: float = 0.99,
+                        fused_bn: bool = True) -> keras.Model:
     """Eight 3x3 convs (64,64,64,64,128,128,128,128), each conv -> [BN] -> ReLU; 2x2 max-pool after the
     2nd, 4th and 6th; [dropout 0.5] -> dense 1024 ReLU -> [dropout 0.5] -> dense 8, linear.
 
@@ -40,6 +78,7 @@ def build_homographynet(patch_size: int = 128, channels: int = 1, dropout: bool 
     always computes in float32 so the regression and its loss stay in full precision.
     bn_momentum: of BN's moving statistics (Keras's 0.99 averages ~100 steps: right for the paper's 90,000
     steps; a run of a few hundred steps needs ~0.9, or its inference-mode statistics lag its weights).
+    fused_bn: FusedBatchNormalization (False: Keras's own layer, for bench.train's comparison).
     """
     inputs = keras.Input((patch_size, patch_size, 2 * channels), name="patches")
     x = inputs
@@ -47,7 +86,7 @@ def build_homographynet(patch_size: int = 128, channels: int = 1, dropout: bool 
         # With BN the conv bias is redundant (BN's beta takes its role).
         x = keras.layers.Conv2D(filters, 3, padding="same", use_bias=not batchnorm, dtype=dtype, name=f"conv{i}")(x)
         if batchnorm:
-            x = keras.layers.BatchNormalization(momentum=bn_momentum, dtype=dtype, name=f"bn{i}")(x)
+            x = _batchnorm(fused_bn)(momentum=bn_momentum, dtype=dtype, name=f"bn{i}")(x)
         x = keras.layers.Activation("relu", dtype=dtype, name=f"relu{i}")(x)
         if i in POOL_AFTER:
             x = keras.layers.MaxPooling2D(2, dtype=dtype, name=f"pool{POOL_AFTER.index(i) + 1}")(x)
@@ -67,7 +106,7 @@ COMPACT_STAGES = ((1, 1), (2, 2), (2, 1), (4, 2), (4, 1), (8, 2), (8, 1))  # con
 
 def build_compact(patch_size: int = 128, channels: int = 1, dropout: bool = True, batchnorm: bool = True,
                   dtype=None, name: str = "compact", bn_momentum: float = 0.99, width: int = 32,
-                  dropout_rate: float = 0.2) -> keras.Model:
+                  dropout_rate: float = 0.2, fused_bn: bool = True) -> keras.Model:
     """A compact HomographyNet (~1.2 M parameters at width 32, against the paper's 34 M) that trains fast on
     a CPU as well as on a GPU. Two changes carry the speed (bench.train):
     - no layer works at full resolution: conv1 is a 4x4 stride-4 conv over non-overlapping 4x4 cells of
@@ -76,7 +115,7 @@ def build_compact(patch_size: int = 128, channels: int = 1, dropout: bool = True
     - 3x3 convs with stride 2 halve the map down to P/32 (4x4x(8 width)), so the paper's 32 M-weight dense
       layer on a 16x16x128 map becomes one 8-output dense layer. It still sees where in the patch each
       feature lies (a global average pool would throw that away).
-    Each conv -> [BN] -> ReLU; [dropout(dropout_rate)] before the output layer.
+    Each conv -> [BN] -> ReLU; [dropout(dropout_rate)] before the output layer. fused_bn: as for HomographyNet.
     """
     if patch_size % 32:
         raise ValueError(f"the compact network needs a patch size divisible by 32, got {patch_size}")
@@ -87,7 +126,7 @@ def build_compact(patch_size: int = 128, channels: int = 1, dropout: bool = True
         x = keras.layers.Conv2D(filters, kernel, strides=stride, padding="same", use_bias=not batchnorm,
                                 dtype=dtype, name=f"conv{i}")(x)
         if batchnorm:
-            x = keras.layers.BatchNormalization(momentum=bn_momentum, dtype=dtype, name=f"bn{i}")(x)
+            x = _batchnorm(fused_bn)(momentum=bn_momentum, dtype=dtype, name=f"bn{i}")(x)
         x = keras.layers.Activation("relu", dtype=dtype, name=f"relu{i}")(x)
     x = keras.layers.Flatten(dtype=dtype, name="flatten")(x)
     if dropout:

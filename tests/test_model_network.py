@@ -26,15 +26,17 @@ def test_layer_structure_matches_the_paper():
     order = [type(l).__name__ for l in m.layers if not isinstance(l, keras.layers.InputLayer)]
     blocks = " ".join(order).split("Conv2D")[1:]
     assert [("MaxPooling2D" in b) for b in blocks] == [False, True, False, True, False, True, False, False]
-    assert all(b.split()[:2] == ["BatchNormalization", "Activation"] for b in blocks)
+    assert all(b.split()[:2] == ["FusedBatchNormalization", "Activation"] for b in blocks)
     assert all(l.activation.__name__ == "relu" for l in layers_of(m, keras.layers.Activation))
     drops = layers_of(m, keras.layers.Dropout)
     assert [d.rate for d in drops] == [0.5, 0.5]
     dense = layers_of(m, keras.layers.Dense)
     assert [(d.units, d.activation.__name__) for d in dense] == [(1024, "relu"), (8, "linear")]
     assert order[-5:] == ["Flatten", "Dropout", "Dense", "Dropout", "Dense"]  # dropout before each dense
-    # Plain Keras layers only: no TF ops inside the model (it must run on another Keras backend).
-    assert all(type(l).__module__.startswith("keras.") for l in m.layers)
+    # Plain Keras layers only: no TF ops inside the model (it must run on another Keras backend); the
+    # fused BN runs Keras's own layer off TensorFlow.
+    assert all(type(l).__module__.startswith("keras.") or type(l) is network.FusedBatchNormalization
+               for l in m.layers)
     filters = [64, 64, 64, 64, 128, 128, 128, 128]
     convs_params = sum(9 * i * o for i, o in zip([2] + filters[:-1], filters))
     bn_params = 4 * (4 * 64 + 4 * 128)
@@ -66,6 +68,61 @@ def test_mixed_precision_keeps_a_float32_output():
     assert m(np.zeros((2, 32, 32, 2), np.float32)).dtype == "float32"
 
 
+@pytest.mark.parametrize("policy", [None, "mixed_bfloat16"])
+def test_fused_batchnorm_trains_like_keras_own(policy):
+    """Output, gradients and moving statistics of a training step equal Keras's composed BN: a wrong
+    variance correction, momentum or cast shows here."""
+    import tensorflow as tf
+
+    x = tf.constant(np.random.default_rng(0).normal(2, 3, (4, 8, 8, 5)), tf.float32)
+    rng = np.random.default_rng(1)
+    weights = [rng.normal(size=5).astype(np.float32) for _ in range(2)] + [rng.normal(size=5).astype(np.float32),
+                                                                           np.full(5, 2, np.float32)]
+    results = []
+    for layer in (keras.layers.BatchNormalization(momentum=0.9, dtype=policy),
+                  network.FusedBatchNormalization(momentum=0.9, dtype=policy)):
+        layer.build(x.shape)
+        layer.set_weights(weights)
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = layer(x, training=True)
+            loss = tf.reduce_sum(tf.cast(y, tf.float32) * tf.sin(tf.cast(y, tf.float32)))
+        grads = tape.gradient(loss, [x, layer.gamma, layer.beta])
+        results.append([y, *grads, layer.moving_mean, layer.moving_variance, layer(x, training=False)])
+    tol = 1e-5 if policy is None else 2e-2
+    for name, plain, fused in zip(["y", "dx", "dgamma", "dbeta", "mean", "variance", "inference"], *results):
+        plain, fused = np.asarray(plain, np.float32), np.asarray(fused, np.float32)
+        np.testing.assert_allclose(fused, plain, rtol=tol, atol=tol * np.abs(plain).max(), err_msg=name)
+    assert fused.dtype == np.float32 and results[1][0].dtype == results[0][0].dtype
+
+
+def test_final_model_file_holds_keras_own_layers_only(tmp_path):
+    import json
+    import zipfile
+
+    from model.training import run_dir
+
+    m = network.build_homographynet(patch_size=32)
+    assert network.FusedBatchNormalization in {type(l) for l in m.layers}
+    m.compile(optimizer="adam", loss="mse")
+    x = np.random.default_rng(0).random((4, 32, 32, 2), np.float32)
+    m.fit(x, np.zeros((4, 8), np.float32), epochs=1, verbose=0)  # moving statistics away from their start
+    path = str(tmp_path / "model.keras")
+    run_dir.save_final_model(m, path)
+    with zipfile.ZipFile(path) as z:
+        config = z.read("config.json").decode()
+    assert "FusedBatchNormalization" not in config and "homography>" not in config
+    registered = keras.saving.get_custom_objects()
+    saved = dict(registered)
+    registered.clear()  # loads without this project's registrations
+    try:
+        loaded = keras.models.load_model(path)
+    finally:
+        registered.update(saved)
+    np.testing.assert_allclose(np.asarray(loaded(x, training=False)), np.asarray(m(x, training=False)),
+                               rtol=1e-5, atol=1e-6)
+
+
 def test_predict_offsets_is_model_output_times_rho():
     m = network.build_homographynet(patch_size=32)
     rng = np.random.default_rng(0)
@@ -91,7 +148,8 @@ def test_compact_network_is_small_strided_and_keeps_position():
     assert [d.units for d in layers_of(m, keras.layers.Dense)] == [8]
     assert [d.rate for d in layers_of(m, keras.layers.Dropout)] == [0.2]
     assert not layers_of(network.build("compact", 64, 1, dropout=False), keras.layers.Dropout)
-    assert all(type(l).__module__.startswith("keras.") for l in m.layers)  # any Keras backend
+    assert all(type(l).__module__.startswith("keras.") or type(l) is network.FusedBatchNormalization
+               for l in m.layers)  # any Keras backend
     # A shift of the content moves the features: the output depends on where things are.
     rng = np.random.default_rng(0)
     x = rng.uniform(-1, 1, (1, 128, 128, 2)).astype(np.float32)

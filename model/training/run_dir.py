@@ -310,13 +310,19 @@ class ScalarLogs:
 # ---------------------------------------------------------------------------------------------- final model
 
 def save_final_model(model, path: str):
-    """Saves the inference model alone (no optimizer, no compile settings): a clean .keras file that loads
-    under either backend without the training's loss functions. Returns that uncompiled copy."""
+    """Saves the inference model alone (no optimizer, no compile settings): a clean .keras file of Keras's own
+    layers that loads under either backend without the training's loss functions. Returns that copy."""
     import keras
 
+    from model import network
+
     # from_config, not clone_model: clone_model also compiles the copy, with the training's loss functions.
-    final = keras.Model.from_config(model.get_config())
-    final.set_weights(model.get_weights())
+    # The fused BN of training is saved as Keras's own layer (same config and variables): model.keras
+    # then loads anywhere, without this project's code.
+    with keras.saving.CustomObjectScope({network.FUSED_BN_NAME: keras.layers.BatchNormalization}):
+        final = keras.Model.from_config(model.get_config())
+    for dst, src in zip(final.weights, model.weights):  # no numpy copy of the whole model (34 M weights)
+        dst.assign(src)
     outputs.reserve_space(os.path.dirname(os.path.abspath(path)),
                           4 * sum(int(np.prod(v.shape)) for v in final.weights) + (1 << 20), path)
     write_or_fail(path, lambda: final.save(path), path)
