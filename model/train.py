@@ -112,11 +112,33 @@ RUN_FILES = (run_dir.LOCK_FILE, network.CONFIG_FILE, run_dir.CHECKPOINT_DIR, net
 # Bounds on what one training job may hold in memory (README, "What the commands promise").
 MAX_BATCH_BYTES = 1 << 30     # one replica's batch of float32 inputs: 8,192 pairs of 128 px grayscale
 MAX_SHUFFLE_BYTES = 1 << 30   # the shuffle buffer's records: 32,768 pairs of 128 px grayscale
-# The whole run, estimated before any work (bench/peak_memory.py measured the terms on this CPU, BUILD_NOTES):
-# the runtime, 16 bytes a weight (weights, gradients, two optimizer moments), the shuffle buffer's records, and
-# per pair of a step 4.2 bytes for each value the network computes (its layers' outputs) and each input value.
-MAX_TRAIN_BYTES = 4 << 30
-RUNTIME_BYTES = 800 << 20
+MAX_TRAIN_BYTES = 4 << 30     # the promise: a run's peak resident memory
+# The run's peak, estimated before any work from terms bench/peak_memory.py measured on this CPU (BUILD_NOTES
+# section 6): the runtime; per weight the weights, gradients, two Adam moments and the checkpoint's copies;
+# the shuffle buffer's records (1.2 bytes a byte: each is a string tensor of its own); per pair of a step
+# 2.9 bytes for each value the network's layers compute (kept for the gradient) and 22.5 bytes for each
+# input value (the float batch, the ones tf.data has prefetched and the one being made). Runs are refused
+# above MAX_TRAIN_BYTES less ESTIMATE_MARGIN, which covers the spread of peaks between runs (0.1-0.25 GiB).
+RUNTIME_BYTES = 700 << 20
+WEIGHT_BYTES = 32
+RECORD_BYTES = 1.2
+VALUE_BYTES = 2.9
+INPUT_BYTES = 22.5
+ESTIMATE_MARGIN = 256 << 20
+
+
+def memory_estimate(values: int, weights: int, input_values: int, batch_size: int, shuffle_buffer: int) -> float:
+    """model.train's estimate of its peak resident bytes: a network computing `values` a pair and holding
+    `weights`, fed `batch_size` pairs of `input_values` (P * P * 2C) a step from a buffer of that many
+    records (one byte an input value)."""
+    fixed = RUNTIME_BYTES + WEIGHT_BYTES * weights + RECORD_BYTES * shuffle_buffer * input_values
+    return fixed + batch_size * (VALUE_BYTES * values + INPUT_BYTES * input_values)
+
+
+def largest_batch(values: int, weights: int, input_values: int, shuffle_buffer: int) -> int:
+    """The most pairs a step whose memory_estimate stays within MAX_TRAIN_BYTES - ESTIMATE_MARGIN."""
+    room = MAX_TRAIN_BYTES - ESTIMATE_MARGIN - memory_estimate(values, weights, input_values, 0, shuffle_buffer)
+    return max(0, int(room // (VALUE_BYTES * values + INPUT_BYTES * input_values)))
 
 
 def _check_input(a: dict, train_cfg, replicas: int, init_from: str | None, options: dict | None = None) -> None:
@@ -139,14 +161,14 @@ def _check_input(a: dict, train_cfg, replicas: int, init_from: str | None, optio
         raise TrainError(f"--shuffle_buffer {a['shuffle_buffer']} of {p} px pairs needs more than "
                          f"{MAX_SHUFFLE_BYTES >> 30} GiB; at most {MAX_SHUFFLE_BYTES // pair_bytes} at this patch size")
     values, weights = network.footprint(a["architecture"], p, c, a["dropout"], a["batchnorm"], options)
-    fixed = RUNTIME_BYTES + 16 * weights + a["shuffle_buffer"] * pair_bytes
-    per_pair = 4.2 * (values + pair_bytes)
-    if fixed + a["batch_size"] * per_pair > MAX_TRAIN_BYTES:
-        most = max(0, int((MAX_TRAIN_BYTES - fixed) // per_pair))
+    need = memory_estimate(values, weights, pair_bytes, a["batch_size"], a["shuffle_buffer"])
+    room = MAX_TRAIN_BYTES - ESTIMATE_MARGIN
+    if need > room:
+        most = largest_batch(values, weights, pair_bytes, a["shuffle_buffer"])
         raise TrainError(f"--batch_size {a['batch_size']} of {p} px pairs on the {a['architecture']} network "
                          f"({values:,} values a pair) with --shuffle_buffer {a['shuffle_buffer']} needs about "
-                         f"{(fixed + a['batch_size'] * per_pair) / 2**30:.1f} GiB, more than the "
-                         f"{MAX_TRAIN_BYTES / 2**30:g} GiB allowed; at most {most} pairs a step with this buffer")
+                         f"{need / 2**30:.2f} GiB, more than the {room / 2**30:g} GiB allowed (a run must stay "
+                         f"under {MAX_TRAIN_BYTES / 2**30:g} GiB); at most {most} pairs a step with this buffer")
     if init_from:
         source = _read_config(init_from)
         theirs = (source.get("architecture"), source.get("patch_size"), source.get("channels"))

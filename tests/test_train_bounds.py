@@ -40,8 +40,10 @@ def test_a_step_whose_activations_memory_cannot_hold_is_refused(tiny_dataset, tm
     values, weights = network.footprint("compact", 32, 1)
     assert network.footprint("compact", 256, 1)[0] > 60 * values  # what a pair costs grows with its area
     assert network.footprint("homographynet", 128, 1)[0] > 20 * network.footprint("compact", 128, 1)[0]
-    per_pair = 4.2 * (values + 32 * 32 * 2)
-    room = int(train.RUNTIME_BYTES + 16 * weights + 10 * 32 * 32 * 2 + 8 * per_pair) + 1
+    per_pair = train.VALUE_BYTES * values + train.INPUT_BYTES * 32 * 32 * 2
+    assert train.memory_estimate(values, weights, 32 * 32 * 2, 8, 10) == pytest.approx(
+        train.RUNTIME_BYTES + train.WEIGHT_BYTES * weights + train.RECORD_BYTES * 10 * 32 * 32 * 2 + 8 * per_pair)
+    room = int(train.memory_estimate(values, weights, 32 * 32 * 2, 8, 10)) + 1 + train.ESTIMATE_MARGIN
     monkeypatch.setattr(train, "MAX_TRAIN_BYTES", room)  # 8 pairs a step fit beside 10 buffered, 16 do not
     with pytest.raises(train.TrainError, match=r"--batch_size 16 of 32 px pairs on the compact network .* "
                                                r"with --shuffle_buffer 10 needs about .* at most 8 pairs a step"):
