@@ -64,7 +64,7 @@ OPTIMIZERS = {"sgd": "SGD with --momentum (the paper)", "adam": "Adam (beta_1 = 
 
 DEFAULTS = dict(steps=90000, batch_size=64, optimizer="sgd", learning_rate=0.005, momentum=0.9, lr_decay_steps=30000,
                 lr_decay_factor=0.1, loss="l2_distance", clip_norm=0.0, val_every=1000, val_batches=0, checkpoint_every=1000, log_every=100,
-                steps_per_loop=10, shuffle_buffer=10000, dropout=True, batchnorm=True, mixed_precision="none",
+                steps_per_loop=10, shuffle_buffer=data.DEFAULT_SHUFFLE_BUFFER, dropout=True, batchnorm=True, mixed_precision="none",
                 jit_compile=False, architecture="homographynet", seed=0, train_split="train",
                 val_split="validation", max_checkpoints=3, max_minutes=0.0, reader="auto", reader_workers=0,
                 augment=False, photometric="none", photometric_share=1.0)
@@ -116,13 +116,14 @@ MAX_TRAIN_BYTES = 4 << 30     # the promise: a run's peak resident memory
 # The run's peak, estimated before any work from terms bench/peak_memory.py measured on this CPU (BUILD_NOTES
 # section 6): the runtime; per weight the weights, gradients, two Adam moments and the checkpoint's copies;
 # the shuffle buffer's records (1.2 bytes a byte: each is a string tensor of its own); per pair of a step
-# 2.9 bytes for each value the network's layers compute (kept for the gradient) and 22.5 bytes for each
-# input value (the float batch, the ones tf.data has prefetched and the one being made). Runs are refused
-# above MAX_TRAIN_BYTES less ESTIMATE_MARGIN, which covers the spread of peaks between runs (0.1-0.25 GiB).
+# 3.2 bytes for each value the network's layers compute (kept for the gradient; peaks creep up over the
+# first 30 steps) and 22.5 bytes for each input value (the float batch, the ones tf.data has prefetched and
+# the one being made). Runs are refused above MAX_TRAIN_BYTES less ESTIMATE_MARGIN, which covers the spread
+# of peaks between runs (0.1-0.25 GiB).
 RUNTIME_BYTES = 700 << 20
 WEIGHT_BYTES = 32
 RECORD_BYTES = 1.2
-VALUE_BYTES = 2.9
+VALUE_BYTES = 3.2
 INPUT_BYTES = 22.5
 ESTIMATE_MARGIN = 256 << 20
 

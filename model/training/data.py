@@ -21,6 +21,9 @@ import numpy as np
 from pipeline.dataset import dataset_info, schema
 from pipeline.dataset.dataset_info import DatasetError  # re-exported: the one "bad dataset" error
 
+# Records in the shuffle buffer by default: 128 MiB at 128 px grayscale, so the paper's HomographyNet at batch
+# 64 fits model.train's memory bound (model/train.py).
+DEFAULT_SHUFFLE_BUFFER = 4096
 MAX_CYCLE_LENGTH = 16  # shards read at once; more only adds open files and memory
 
 __all__ = ["DatasetError", "DamagedShardError", "DataConfig", "dataset_config", "normalize", "scale_labels",
@@ -127,7 +130,8 @@ def _records(config: DataConfig, training: bool, seed):
                             block_length=1, num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
 
 
-def make_dataset(data_dir: str, split: str, batch_size: int, *, training: bool, shuffle_buffer: int = 10000,
+def make_dataset(data_dir: str, split: str, batch_size: int, *, training: bool,
+                 shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER,
                  repeat: bool | None = None, seed: int | None = None,
                  drop_remainder: bool | None = None):
     """(inputs, labels) batches: inputs float32 (B, P, P, 2C) from `normalize`, labels float32 (B, 8) = offsets/rho.
@@ -277,7 +281,8 @@ def camera_views(batches, seed: int | None = None, share: float = 1.0):
         yield dict(b, **out)
 
 
-def train_batches(data_dir: str, split: str, batch_size: int, *, shuffle_buffer: int = 10000, seed: int | None = None,
+def train_batches(data_dir: str, split: str, batch_size: int, *, shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER,
+                  seed: int | None = None,
                   reader: str = "auto", workers: int = 0, augment: bool = False, photometric: str = "none",
                   photometric_share: float = 1.0):
     """Endless, shuffled, full (inputs, labels) batches for Keras's fit: a tf.data.Dataset (uses_tf_data())
@@ -339,7 +344,7 @@ def pairs_per_second(ds, batches: int, warmup: int = 20) -> float:
 
 
 def input_throughput(data_dir: str, split: str = "train", batch_size: int = 64, batches: int = 200,
-                     shuffle_buffer: int = 10000) -> dict:
+                     shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER) -> dict:
     """Pairs/s the training input pipeline delivers alone (no model): compare with the training log's
     ex/s. If training runs at about this rate, the input pipeline is the bottleneck."""
     ds = make_dataset(data_dir, split, batch_size, training=True, shuffle_buffer=shuffle_buffer)
@@ -361,7 +366,7 @@ def _cli():
     flags.DEFINE_string("split", "train", "Split to read")
     flags.DEFINE_integer("batch_size", 64, "Pairs per batch")
     flags.DEFINE_integer("batches", 200, "Batches timed (after 20 warm-up batches)")
-    flags.DEFINE_integer("shuffle_buffer", 10000, "Shuffle buffer, in pairs")
+    flags.DEFINE_integer("shuffle_buffer", DEFAULT_SHUFFLE_BUFFER, "Shuffle buffer, in pairs")
     FLAGS = flags.FLAGS
 
     def main(argv):
