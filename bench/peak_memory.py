@@ -52,7 +52,7 @@ MANY_TRAIN_IMAGES = 128  # x 512 pairs = 65,536 pairs: the shuffle buffer README
 # model.train at the edge of its memory estimate: the largest batch it accepts for each network and buffer.
 EDGES = (("train_batch", "compact", 1), ("train_batch_hnet", "homographynet", 1),
          ("train_shuffle", "compact", 32768), ("train_shuffle_hnet", "homographynet", 32768),
-         ("train_batch_hnet_4k", "homographynet", 4096))
+         ("train_batch_hnet_2k", "homographynet", 2048))
 
 
 def train_edge(w, name: str, architecture: str, shuffle_buffer: int, patch_size: int = 128, channels: int = 1,
@@ -167,7 +167,7 @@ def cases(work: pathlib.Path) -> list:
         ("records_tib", "a record header claiming 1 TiB", lambda: make_tib(work),
          py("pipeline.records", f"--data_dir={w('tib')}")),
         *(train_edge(w, name, arch, buffer) for name, arch, buffer in EDGES),
-        ("train_default", "the paper's recipe: homographynet, batch 64, the default --shuffle_buffer (4,096)", None,
+        ("train_default", "the paper's recipe: homographynet, batch 64, the default --shuffle_buffer (2,048)", None,
          py("model.train", f"--data_dir={w('many')}", f"--model_dir={w('run_default')}", f"--steps={FLAGS.train_steps}",
             "--steps_per_loop=1", "--log_every=1", "--val_every=0")),
         ("train_shuffle_records", "compact, batch 64, --shuffle_buffer=32768 (the most), --reader=records", None,

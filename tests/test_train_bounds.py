@@ -53,6 +53,21 @@ def test_a_step_whose_activations_memory_cannot_hold_is_refused(tiny_dataset, tm
     assert os.path.exists(tmp_path / "run" / "config.json")
 
 
+def test_the_papers_recipe_fits_the_bound_and_largest_batch_is_its_edge():
+    """HomographyNet at batch 64 with the default buffer is accepted (a buffer of 10,000 measured 4.07 GiB over
+    30 steps and is not); largest_batch is the last batch the estimate accepts."""
+    from model.training import data
+
+    values, weights = network.footprint("homographynet", 128, 1)
+    pair, room = 128 * 128 * 2, train.MAX_TRAIN_BYTES - train.ESTIMATE_MARGIN
+    assert train.memory_estimate(values, weights, pair, 64, data.DEFAULT_SHUFFLE_BUFFER) <= room
+    assert train.memory_estimate(values, weights, pair, 64, 10000) > room
+    for buffer in (1, data.DEFAULT_SHUFFLE_BUFFER, 32768):
+        most = train.largest_batch(values, weights, pair, buffer)
+        assert train.memory_estimate(values, weights, pair, most, buffer) <= room
+        assert train.memory_estimate(values, weights, pair, most + 1, buffer) > room
+
+
 def test_rho_0_and_out_of_bounds_geometry_are_refused_at_build_time(tmp_path):
     for flag, says in (("--rho=0", "rho must be at least 1, got 0"),
                        ("--patch_size=2048", "patch_size 2048 is larger than the 1024 px allowed"),

@@ -21,9 +21,9 @@ import numpy as np
 from pipeline.dataset import dataset_info, schema
 from pipeline.dataset.dataset_info import DatasetError  # re-exported: the one "bad dataset" error
 
-# Records in the shuffle buffer by default: 128 MiB at 128 px grayscale, so the paper's HomographyNet at batch
+# Records in the shuffle buffer by default: 64 MiB at 128 px grayscale, so the paper's HomographyNet at batch
 # 64 fits model.train's memory bound (model/train.py).
-DEFAULT_SHUFFLE_BUFFER = 4096
+DEFAULT_SHUFFLE_BUFFER = 2048
 MAX_CYCLE_LENGTH = 16  # shards read at once; more only adds open files and memory
 
 __all__ = ["DatasetError", "DamagedShardError", "DataConfig", "dataset_config", "normalize", "scale_labels",
