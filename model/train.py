@@ -138,8 +138,9 @@ def memory_estimate(values: int, weights: int, input_values: int, batch_size: in
 
 def largest_batch(values: int, weights: int, input_values: int, shuffle_buffer: int) -> int:
     """The most pairs a step whose memory_estimate stays within MAX_TRAIN_BYTES - ESTIMATE_MARGIN."""
-    room = MAX_TRAIN_BYTES - ESTIMATE_MARGIN - memory_estimate(values, weights, input_values, 0, shuffle_buffer)
-    return max(0, int(room // (VALUE_BYTES * values + INPUT_BYTES * input_values)))
+    fixed = memory_estimate(values, weights, input_values, 0, shuffle_buffer)
+    per_pair = memory_estimate(values, weights, input_values, 1, shuffle_buffer) - fixed
+    return max(0, int((MAX_TRAIN_BYTES - ESTIMATE_MARGIN - fixed) // per_pair))
 
 
 def _check_input(a: dict, train_cfg, replicas: int, init_from: str | None, options: dict | None = None) -> None:
