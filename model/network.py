@@ -36,7 +36,7 @@ class FusedBatchNormalization(keras.layers.BatchNormalization):
     """keras.layers.BatchNormalization whose training step on TensorFlow runs TensorFlow's fused kernel.
 
     Keras 3 composes BN from moments and elementwise ops, and the gradient keeps each of their outputs:
-    +16 MB a 128 px pair in HomographyNet's step and twice the step time on a CPU (bench/peak_memory.py,
+    +16 MB a 128 px pair in HomographyNet's step and 1.5x its time on a CPU (bench/step_memory.py,
     BUILD_NOTES section 6). The fused kernel keeps its input alone. Same variables, config and results
     (tests/test_model_network.py); the plain layer runs elsewhere (inference, JAX, masks, renorm), and
     run_dir.save_final_model saves a model.keras of plain Keras layers."""
