@@ -18,7 +18,7 @@ from absl import app, flags
 
 from bench.common import REPO, headline
 
-flags.DEFINE_string("architecture", "homographynet", "homographynet or compact")
+flags.DEFINE_enum("architecture", "homographynet", ["homographynet", "compact"], "The network")
 flags.DEFINE_integer("batch_size", 74, "Pairs a step")
 flags.DEFINE_integer("steps", 5, "Steps per variant (at least 2)")
 FLAGS = flags.FLAGS
@@ -47,8 +47,8 @@ print(first, peak(), (time.perf_counter() - t0) / (steps - 1))
 
 def main(argv):
     del argv
-    if FLAGS.steps < 2:
-        raise app.UsageError("--steps must be at least 2")
+    if FLAGS.steps < 2 or FLAGS.batch_size < 1:
+        raise app.UsageError("--steps must be at least 2 and --batch_size at least 1")
     env = dict(os.environ, PYTHONPATH=str(REPO), TF_CPP_MIN_LOG_LEVEL="3")
     figures = {}
     print(f"{FLAGS.architecture}, batch {FLAGS.batch_size}, {FLAGS.steps} steps, Adam, a batch in memory")
